@@ -1,0 +1,1 @@
+"""pyro_gbnn: compressed Bayesian neural networks on Pyro and PyTorch."""
