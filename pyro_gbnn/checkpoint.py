@@ -1,0 +1,81 @@
+"""Checkpoints written atomically and read back safely.
+
+A checkpoint is a plain dict of tensors, numbers and strings, so it loads with
+``torch.load(weights_only=True)``: no pickled code runs when a file is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pyro_gbnn.errors import UsageError
+
+__all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+
+FORMAT = "pyro_gbnn.checkpoint/1"
+
+
+def atomic_write_bytes(path: str | Path, write) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it, then rename over ``path``.
+
+    A reader (or a crash) sees either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    atomic_write_bytes(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint; a missing, truncated or foreign file is a :class:`UsageError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {str(path)!r} does not exist; check --out or start without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(
+            f"checkpoint {str(path)!r} is corrupt or not a pyro_gbnn checkpoint ({reason[:120]}); "
+            "move it away and rerun, or start a new run with another --out"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UsageError(f"checkpoint {str(path)!r} is not a pyro_gbnn checkpoint (expected format {FORMAT})")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random-number state a training step reads, in a weights_only-safe form."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+    python = state["python"]
+    random.setstate((python[-2], tuple(python[:-2]), python[-1]))

@@ -1,0 +1,309 @@
+"""The staged training pipeline behind ``python -m pyro_gbnn.fit`` and the notebooks.
+
+Stages run in order (stage 0 ``deterministic``, stage 1 ``mean_field``); each finished
+epoch and each finished stage is written to ``OUT/checkpoint.pt`` atomically, with every
+random-number state, so ``resume=True`` continues a killed run and reaches the same
+result as an uninterrupted one. ``OUT`` also receives ``config.yaml``, ``log.jsonl`` and,
+at the end, ``metrics.json``.
+
+Size accounting (``n_params_trainable``, ``size_bytes``): every tensor the optimizer
+updates, counted once (for a mean-field BNN: a mean and a scale per Bayesian weight plus
+the deterministic normalisation parameters); ``size_bytes`` = 4 bytes per such value
+(fp32). Buffers (BatchNorm running statistics) are not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from pyro_gbnn.bayesian import BayesianNetwork
+from pyro_gbnn.checkpoint import atomic_write_bytes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pyro_gbnn.config import METHODS, dump_config
+from pyro_gbnn.data import DataSplits, load_dataset, make_loader
+from pyro_gbnn.elbo import AnalyticKL_ELBO
+from pyro_gbnn.errors import UsageError
+from pyro_gbnn.guides import MeanFieldGuide
+from pyro_gbnn.likelihoods import Categorical
+from pyro_gbnn.metrics import classification_metrics
+from pyro_gbnn.models import build_model
+from pyro_gbnn.predict import predict
+from pyro_gbnn.registry import build_prior
+from pyro_gbnn.train import (
+    JsonLinesLog,
+    deterministic_step,
+    elbo_step,
+    make_lr_schedule,
+    make_optimizer,
+    train_epochs,
+)
+
+__all__ = ["STAGES", "run_fit", "count_trainable", "build_mean_field", "FitRun"]
+
+STAGES: dict[str, tuple[str, ...]] = {
+    "deterministic": ("deterministic",),
+    "mean-field": ("deterministic", "mean_field"),
+}
+
+
+def count_trainable(module: nn.Module) -> int:
+    """Number of values the optimizer updates (shared tensors counted once)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def build_mean_field(net: nn.Module, config: dict, dataset_size: int) -> tuple[BayesianNetwork, MeanFieldGuide]:
+    """Stage-1 objects from a (pre-trained) network: the BNN and its guide, means = net's weights."""
+    bnn_cfg = config["bnn"]
+    bnn = BayesianNetwork(
+        net,
+        build_prior(bnn_cfg["prior"]),
+        Categorical(dataset_size),
+        estimator=bnn_cfg["estimator"],
+        bayesian_norm=bnn_cfg["bayesian_norm"],
+    )
+    guide = MeanFieldGuide(bnn, init_scale=bnn_cfg["init_scale"], xavier_gain=bnn_cfg["xavier_gain"])
+    return bnn, guide
+
+
+@dataclass
+class FitRun:
+    """Everything the stages share: config, data, output paths and the checkpointed state."""
+
+    config: dict
+    out: Path
+    data: DataSplits
+    progress: bool
+    results: dict[str, dict] = field(default_factory=dict)
+    outputs: dict[str, dict] = field(default_factory=dict)
+    stage_time: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    @property
+    def log(self) -> JsonLinesLog:
+        return JsonLinesLog(self.out / "log.jsonl")
+
+    def loader(self, split: str, epoch: int = 0):
+        data_cfg = self.config["data"]
+        dataset = getattr(self.data, split)
+        train = split == "train"
+        return make_loader(
+            dataset,
+            data_cfg["batch_size"] if train else data_cfg["eval_batch_size"],
+            shuffle=train,
+            seed=self.config["seed"],
+            epoch=epoch,
+            num_workers=data_cfg["num_workers"],
+        )
+
+    @property
+    def eval_split(self) -> str:
+        return "val" if self.data.val is not None else "test"
+
+    def save(self, stage: str, epoch: int, states: dict[str, Any]) -> None:
+        save_checkpoint(
+            self.checkpoint_path,
+            {
+                "config": self.config,
+                "stage": stage,
+                "epoch": epoch,
+                "states": states,
+                "results": self.results,
+                "outputs": self.outputs,
+                "stage_time": self.stage_time,
+                "rng": rng_state(),
+            },
+        )
+
+    def evaluate(self, bnn: nn.Module, guide: nn.Module | None, split: str, num_samples: int) -> dict[str, float]:
+        pred_cfg = self.config["predict"]
+        prediction = predict(
+            bnn, guide, self.loader(split), num_samples=num_samples, sample_chunk=pred_cfg["sample_chunk"]
+        )
+        return classification_metrics(prediction.probs, prediction.labels, n_bins=pred_cfg["ece_bins"])
+
+    def finish_stage(self, stage: str, bnn: nn.Module, guide: nn.Module | None, trained: nn.Module, output: dict) -> None:
+        num_samples = 1 if guide is None else self.config["predict"]["num_samples"]
+        metrics = self.evaluate(bnn, guide, "test", num_samples)
+        n_params = count_trainable(trained)
+        self.results[stage] = {
+            **metrics,
+            "n_params_trainable": n_params,
+            "size_bytes": 4 * n_params,
+            "epochs": self.config[stage]["epochs"],
+            "wall_time_s": round(self.stage_time.get(stage, 0.0), 2),
+        }
+        self.outputs[stage] = output
+        self.log.write({"stage": stage, "finished": True, "test": self.results[stage]})
+
+
+def _timed_epochs(run: FitRun, stage: str, start_epoch: int, **kwargs) -> None:
+    """train_epochs with the stage's wall time accumulated across resumes and checkpoints each epoch."""
+    save_states = kwargs.pop("save_states")
+    clock = [time.perf_counter()]
+
+    def on_epoch_end(epoch: int, record: dict) -> None:
+        now = time.perf_counter()
+        run.stage_time[stage] = run.stage_time.get(stage, 0.0) + now - clock[0]
+        clock[0] = now
+        run.save(stage, epoch, save_states())
+
+    train_epochs(stage, start_epoch=start_epoch, on_epoch_end=on_epoch_end, log=run.log, progress=run.progress, device=run.config["device"], **kwargs)
+    run.stage_time[stage] = run.stage_time.get(stage, 0.0) + time.perf_counter() - clock[0]
+
+
+def _stage_deterministic(run: FitRun, net: nn.Module, resume: dict | None) -> None:
+    section = run.config["deterministic"]
+    optimizer = make_optimizer([{"params": list(net.parameters())}], section)
+    steps = len(run.loader("train"))
+    schedule = make_lr_schedule(optimizer, section, steps)
+    start = 0
+    if resume is not None:
+        net.load_state_dict(resume["states"]["net"])
+        optimizer.load_state_dict(resume["states"]["optimizer"])
+        schedule.load_state_dict(resume["states"]["schedule"])
+        set_rng_state(resume["rng"])
+        start = resume["epoch"]
+    _timed_epochs(
+        run,
+        "deterministic",
+        start,
+        step=deterministic_step(net),
+        module=net,
+        optimizer=optimizer,
+        schedule=schedule,
+        batches_for_epoch=lambda e: run.loader("train", e),
+        epochs=section["epochs"],
+        evaluate=lambda: run.evaluate(net, None, run.eval_split, 1),
+        save_states=lambda: {"net": net.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+    )
+    run.finish_stage("deterministic", net, None, net, {"net": net.state_dict()})
+
+
+def _stage_mean_field(run: FitRun, net: nn.Module, resume: dict | None) -> None:
+    section = run.config["mean_field"]
+    net.load_state_dict(run.outputs["deterministic"]["net"])
+    bnn, guide = build_mean_field(net, run.config, len(run.data.train))
+    elbo = AnalyticKL_ELBO(bnn, guide, num_particles=section["num_particles"])
+    groups = [
+        {"params": list(guide.loc_parameters()), "lr": section["lr"]},
+        {"params": list(guide.scale_parameters()), "lr": section["lr_scale"], "weight_decay": 0.0},
+    ]
+    others = [p for p in bnn.parameters() if p.requires_grad]
+    if others:
+        groups.append({"params": others, "lr": section["lr"]})
+    optimizer = make_optimizer(groups, section)
+    schedule = make_lr_schedule(optimizer, section, len(run.loader("train")))
+    start = 0
+    if resume is not None:
+        elbo.load_state_dict(resume["states"]["elbo"])
+        optimizer.load_state_dict(resume["states"]["optimizer"])
+        schedule.load_state_dict(resume["states"]["schedule"])
+        set_rng_state(resume["rng"])
+        start = resume["epoch"]
+    _timed_epochs(
+        run,
+        "mean_field",
+        start,
+        step=elbo_step(elbo, len(run.data.train)),
+        module=elbo,
+        optimizer=optimizer,
+        schedule=schedule,
+        batches_for_epoch=lambda e: run.loader("train", e),
+        epochs=section["epochs"],
+        evaluate=lambda: run.evaluate(bnn, guide, run.eval_split, section["eval_samples"]),
+        save_states=lambda: {"elbo": elbo.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+    )
+    run.finish_stage("mean_field", bnn, guide, elbo, {"elbo": elbo.state_dict()})
+
+
+STAGE_RUNNERS = {"deterministic": _stage_deterministic, "mean_field": _stage_mean_field}
+
+
+def _load_data(config: dict) -> DataSplits:
+    data_cfg = config["data"]
+    data = load_dataset(
+        config["dataset"],
+        data_cfg["dir"],
+        val_fraction=data_cfg["val_fraction"],
+        seed=config["seed"],
+        augment=data_cfg["augment"],
+        download=data_cfg["download"],
+    )
+    subset = data_cfg["train_subset"]
+    if subset is not None and subset < len(data.train):
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config["seed"]))
+        data.train = Subset(data.train, order[:subset].tolist())
+    return data
+
+
+def _build_net(config: dict, data: DataSplits) -> nn.Module:
+    try:
+        return build_model(config["model"], data.num_classes, data.in_channels, data.image_size, **config["model_args"])
+    except TypeError as err:
+        raise UsageError(f"model_args {config['model_args']} not accepted by model {config['model']!r}: {err}") from None
+
+
+def run_fit(
+    config: dict,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool | None = None,
+    data_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) every stage of ``config["method"]``; returns the contents of metrics.json.
+
+    On resume the saved config is used; ``data_dir`` may point to the data's new place.
+    """
+    if config["method"] not in STAGES:
+        raise UsageError(f"unknown method {config['method']!r}; use one of {', '.join(METHODS)}")
+    out = Path(out_dir)
+    checkpoint = out / "checkpoint.pt"
+    state = None
+    if resume:
+        state = load_checkpoint(checkpoint)
+        config = state["config"]
+        if data_dir is not None:
+            config["data"]["dir"] = str(data_dir)
+    elif checkpoint.exists() or (out / "metrics.json").exists():
+        raise UsageError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
+    if config["threads"]:
+        torch.set_num_threads(int(config["threads"]))
+    pyro.set_rng_seed(config["seed"])
+    data = _load_data(config)
+    net = _build_net(config, data).to(config["device"])
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_bytes(out / "config.yaml", lambda h: h.write(dump_config(config).encode()))
+    run = FitRun(config, out, data, config["progress"] if progress is None else progress)
+    if state is not None:
+        run.results, run.outputs, run.stage_time = state["results"], state["outputs"], state["stage_time"]
+    for stage in STAGES[config["method"]]:
+        if stage in run.results:
+            continue
+        resume_state = state if state is not None and state["stage"] == stage and state["epoch"] > 0 else None
+        if state is not None and resume_state is None:
+            set_rng_state(state["rng"])
+        STAGE_RUNNERS[stage](run, net, resume_state)
+        run.save(stage, config[stage]["epochs"], {})
+        state = None
+    final = run.results[STAGES[config["method"]][-1]]
+    metrics = {
+        **{k: final[k] for k in ("accuracy", "nll", "ece", "brier", "n_params_trainable", "size_bytes")},
+        "dataset": config["dataset"],
+        "model": config["model"],
+        "method": config["method"],
+        "stages": run.results,
+    }
+    atomic_write_bytes(out / "metrics.json", lambda h: h.write(json.dumps(metrics, indent=2).encode()))
+    return metrics

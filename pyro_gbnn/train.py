@@ -1,0 +1,193 @@
+"""Training loops shared by every stage: optimizers, LR schedules, epochs, logging.
+
+A stage is a ``step(x, y) -> StepResult`` function plus an optimizer; :func:`train_epochs`
+runs it for whole epochs, evaluates after each, logs JSON lines and hands each finished
+epoch to a callback (which writes the checkpoint). Nothing here knows about Pyro, so the
+deterministic, mean-field and later stages train through the same code.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from pyro_gbnn.elbo import AnalyticKL_ELBO
+from pyro_gbnn.errors import DivergedError, UsageError
+
+__all__ = [
+    "StepResult",
+    "JsonLinesLog",
+    "make_optimizer",
+    "make_lr_schedule",
+    "deterministic_step",
+    "elbo_step",
+    "train_epochs",
+]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("multistep", "cosine", "constant")
+
+
+class StepResult(NamedTuple):
+    """What one optimisation step reports: the loss it minimised (per datum) and the logits."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    extra: dict[str, float]
+
+
+class JsonLinesLog:
+    """Append-only JSON-lines log; each record is flushed so a killed run keeps its history."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def make_optimizer(groups: list[dict], section: dict) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov, weight decay) or Adam/AdamW over parameter groups with their own lr."""
+    name = section["optimizer"]
+    if name == "sgd":
+        return torch.optim.SGD(
+            groups,
+            lr=section["lr"],
+            momentum=section["momentum"],
+            nesterov=section["nesterov"] and section["momentum"] > 0,
+            weight_decay=section["weight_decay"],
+        )
+    if name in ("adam", "adamw"):
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(groups, lr=section["lr"], weight_decay=section["weight_decay"])
+    raise UsageError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
+
+
+def make_lr_schedule(
+    optimizer: torch.optim.Optimizer, section: dict, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up for ``warmup_epochs``, then multistep decay (``gamma`` at each of
+    ``milestones``, in epochs) or a cosine to zero; stepped once per iteration."""
+    kind = section["schedule"]
+    if kind not in SCHEDULES:
+        raise UsageError(f"unknown schedule {kind!r}; use one of {', '.join(SCHEDULES)}")
+    warm = int(section["warmup_epochs"] * steps_per_epoch)
+    total = max(1, int(section["epochs"] * steps_per_epoch))
+    milestones = sorted(int(m * steps_per_epoch) for m in section["milestones"])
+    gamma = section["gamma"]
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        if kind == "constant":
+            return 1.0
+        return gamma ** bisect.bisect_right(milestones, step)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def deterministic_step(net: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], StepResult]:
+    """Cross-entropy step for stage 0."""
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        logits = net(x)
+        return StepResult(F.cross_entropy(logits, y), logits, {})
+
+    return step
+
+
+def elbo_step(elbo: AnalyticKL_ELBO, dataset_size: int) -> Callable[[torch.Tensor, torch.Tensor], StepResult]:
+    """Negative ELBO per datum (so learning rates do not depend on the data-set size)."""
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        terms = elbo.terms(x, y)
+        extra = {
+            "nll": float(-terms.expected_log_likelihood.detach()) / dataset_size,
+            "kl": float(terms.kl.detach()) / dataset_size,
+        }
+        return StepResult(terms.loss / dataset_size, terms.logits, extra)
+
+    return step
+
+
+def train_epochs(
+    stage: str,
+    step: Callable[[torch.Tensor, torch.Tensor], StepResult],
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    batches_for_epoch: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    epochs: int,
+    *,
+    start_epoch: int = 0,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    log: JsonLinesLog | None = None,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Train epochs ``start_epoch .. epochs-1``; returns the last epoch's record.
+
+    A non-finite loss raises :class:`DivergedError` before the optimizer touches the
+    parameters, so the last checkpoint stays the last good state.
+    """
+    record: dict[str, Any] = {}
+    for epoch in range(start_epoch, epochs):
+        module.train()
+        started = time.perf_counter()
+        total_loss, correct, seen, extras = 0.0, 0, 0, {}
+        batches = batches_for_epoch(epoch)
+        bar = tqdm(batches, desc=f"{stage} {epoch + 1}/{epochs}", disable=not progress, leave=False, dynamic_ncols=True)
+        for x, y in bar:
+            x, y = x.to(device), y.to(device)
+            result = step(x, y)
+            loss = float(result.loss.detach())
+            if not math.isfinite(loss):
+                raise DivergedError(
+                    f"{stage}: loss became {loss} in epoch {epoch + 1}; lower the learning rate "
+                    f"({stage}.lr) or check the data; the last checkpoint is kept"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            optimizer.step()
+            schedule.step()
+            n = y.shape[0]
+            seen += n
+            total_loss += loss * n
+            correct += int((result.logits.detach().argmax(-1) == y).sum())
+            for key, value in result.extra.items():
+                extras[key] = extras.get(key, 0.0) + value * n
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+        bar.close()
+        record = {
+            "stage": stage,
+            "epoch": epoch + 1,
+            "loss": total_loss / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            **{f"train_{k}": v / max(seen, 1) for k, v in extras.items()},
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_time_s": time.perf_counter() - started,
+        }
+        if evaluate is not None:
+            record["eval"] = evaluate()
+        if log is not None:
+            log.write(record)
+        if progress:
+            shown = {k: round(v, 4) for k, v in record.get("eval", {}).items() if isinstance(v, float)}
+            tqdm.write(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} train acc {record['train_accuracy']:.4f} eval {shown}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+    return record

@@ -1,0 +1,82 @@
+"""Local reparameterization and flipout reproduce the analytic output mean and variance."""
+
+import pytest
+import torch
+from pyro import poutine
+from torch import nn
+import torch.nn.functional as F
+
+from pyro_gbnn.bayesian import BayesianNetwork
+from pyro_gbnn.guides import MeanFieldGuide
+from pyro_gbnn.likelihoods import Categorical
+from pyro_gbnn.priors import IIDNormalPrior
+from pyro_gbnn.reparameterization import record_weight_distributions
+
+
+def draw_outputs(bnn, guide, x):
+    with record_weight_distributions():
+        trace = poutine.trace(guide).get_trace()
+        return poutine.replay(bnn, trace=trace)(x)
+
+
+def analytic_moments(guide, op, x):
+    loc_w, scale_w = guide.loc["weight"], guide.scale("weight")
+    loc_b, scale_b = guide.loc["bias"], guide.scale("bias")
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    mean = op(x, loc_w) + loc_b.view(shape)
+    var = op(x * x, scale_w**2) + (scale_b**2).view(shape)
+    return mean, var
+
+
+CASES = {
+    "linear": (lambda: nn.Linear(5, 3), (1, 5), F.linear),
+    "conv": (lambda: nn.Conv2d(2, 3, 3, padding=1), (1, 2, 4, 4), lambda x, w: F.conv2d(x, w, padding=1)),
+}
+
+
+@pytest.mark.parametrize("estimator", ["weight", "local", "flipout"])
+@pytest.mark.parametrize("layer", list(CASES))
+def test_output_moments_match_closed_form(estimator, layer):
+    make, shape, op = CASES[layer]
+    bnn = BayesianNetwork(make(), IIDNormalPrior(), Categorical(1), estimator=estimator)
+    guide = MeanFieldGuide(bnn, init_scale=0.3)
+    with torch.no_grad():
+        guide.rho["bias"].fill_(-1.0)
+    x = torch.randn(shape)
+    draws, per_call = 6000, 4
+    with torch.no_grad():
+        outs = torch.cat([draw_outputs(bnn, guide, x.expand(per_call, *shape[1:])) for _ in range(draws // per_call)])
+        mean, var = analytic_moments(guide, op, x)
+    # Rows of one call share a weight draw (weight, flipout): count calls, not rows, so the
+    # bounds are conservative. Standard errors of a Gaussian's sample mean and variance, 5 sigma.
+    n = draws // per_call
+    assert ((outs.mean(0) - mean[0]).abs() <= 5 * (var[0] / n).sqrt()).all()
+    assert ((outs.var(0) - var[0]).abs() <= 5 * var[0] * (2 / (n - 1)) ** 0.5 + 1e-6).all()
+
+
+def test_local_draws_are_independent_across_examples_and_flipout_decorrelates():
+    bnn = BayesianNetwork(nn.Linear(4, 1, bias=False), IIDNormalPrior(), Categorical(1), estimator="local")
+    guide = MeanFieldGuide(bnn, init_scale=1.0)
+    x = torch.ones(4000, 4)
+    with torch.no_grad():
+        with torch.no_grad():
+            guide.loc["weight"].zero_()
+        out = draw_outputs(bnn, guide, x).squeeze(-1)
+    # one shared weight draw would make every row identical
+    corr = torch.corrcoef(torch.stack([out[::2], out[1::2]]))[0, 1]
+    assert abs(corr) < 0.1
+    bnn.net.estimator = "flipout"
+    with torch.no_grad():
+        out = draw_outputs(bnn, guide, x).squeeze(-1)
+    corr = torch.corrcoef(torch.stack([out[::2], out[1::2]]))[0, 1]
+    assert abs(corr) < 0.1
+
+
+def test_estimators_fall_back_to_drawn_weights_without_a_record():
+    bnn = BayesianNetwork(nn.Linear(3, 2), IIDNormalPrior(), Categorical(1), estimator="local")
+    guide = MeanFieldGuide(bnn, init_scale=0.5)
+    trace = poutine.trace(guide).get_trace()
+    x = torch.randn(7, 3)
+    out = poutine.replay(bnn, trace=trace)(x)
+    expected = F.linear(x, trace.nodes["weight"]["value"], trace.nodes["bias"]["value"])
+    assert torch.allclose(out, expected)
