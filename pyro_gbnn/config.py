@@ -90,8 +90,19 @@ def merge(base: dict, update: dict, path: str = "") -> dict:
             if key == "prior" and "class" in value and "args" not in value:
                 out[key]["args"] = {}
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = _coerce(where, base.get(key) if base else None, value)
     return out
+
+
+def _coerce(where: str, default: Any, value: Any) -> Any:
+    """Numbers written like ``1e-3`` load from YAML as strings; read them as the default's type."""
+    numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if numeric and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise UsageError(f"config key {where!r} expects a number, got {value!r}") from None
+    return copy.deepcopy(value)
 
 
 def load_config(path: str | Path | None, base: dict | None = None) -> dict:

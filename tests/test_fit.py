@@ -1,0 +1,191 @@
+"""The `fit` pipeline and command: outputs, resume equals an uninterrupted run, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_gbnn import pipeline
+from pyro_gbnn.checkpoint import load_checkpoint
+from pyro_gbnn.config import DEFAULTS, apply_overrides
+from pyro_gbnn.fit import main
+
+TINY = [
+    "model=mlp",
+    "progress=false",
+    "data.batch_size=64",
+    "data.eval_batch_size=128",
+    "deterministic.epochs=2",
+    "deterministic.optimizer=adam",
+    "deterministic.lr=0.003",
+    "deterministic.weight_decay=0",
+    "mean_field.epochs=2",
+    "mean_field.eval_samples=2",
+    "predict.num_samples=4",
+]
+
+
+def tiny_config(data_dir, method="mean-field", extra=()):
+    return apply_overrides(DEFAULTS, [*TINY, f"data.dir={data_dir}", f"method={method}", *extra])
+
+
+def test_mean_field_run_writes_every_output(fake_mnist, tmp_path):
+    out = tmp_path / "run"
+    metrics = pipeline.run_fit(tiny_config(fake_mnist), out)
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "log.jsonl", "checkpoint.pt", "metrics.json"}
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert set(saved["stages"]) == {"deterministic", "mean_field"}
+    for key in ("accuracy", "nll", "ece", "brier", "n_params_trainable", "size_bytes"):
+        assert key in saved
+    assert saved["accuracy"] > 0.5, "the fake data set is easy"
+    n_det = saved["stages"]["deterministic"]["n_params_trainable"]
+    assert saved["n_params_trainable"] == 2 * n_det
+    assert saved["size_bytes"] == 4 * saved["n_params_trainable"]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "epoch" in r] == [1, 2, 1, 2]
+
+
+class Killed(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("kill_after_saves", [1, 3, 4])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(fake_mnist, tmp_path, monkeypatch, kill_after_saves):
+    config = tiny_config(fake_mnist)
+    reference = pipeline.run_fit(config, tmp_path / "reference")
+
+    original_save = pipeline.FitRun.save
+    calls = {"n": 0}
+
+    def save_then_die(self, *args, **kwargs):
+        original_save(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == kill_after_saves:
+            raise Killed()
+
+    monkeypatch.setattr(pipeline.FitRun, "save", save_then_die)
+    with pytest.raises(Killed):
+        pipeline.run_fit(config, tmp_path / "killed")
+    monkeypatch.setattr(pipeline.FitRun, "save", original_save)
+    resumed = pipeline.run_fit(config, tmp_path / "killed", resume=True)
+
+    strip = lambda m: {k: v for k, v in m.items() if k != "stages"}
+    assert strip(resumed) == strip(reference)
+    for stage in reference["stages"]:
+        a, b = dict(reference["stages"][stage]), dict(resumed["stages"][stage])
+        a.pop("wall_time_s"), b.pop("wall_time_s")
+        assert a == b
+    final_a = load_checkpoint(tmp_path / "reference" / "checkpoint.pt")["outputs"]["mean_field"]["elbo"]
+    final_b = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["outputs"]["mean_field"]["elbo"]
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_save_load_gives_identical_predictions(fake_mnist, tmp_path):
+    import pyro
+
+    from pyro_gbnn.data import load_dataset, make_loader
+    from pyro_gbnn.models import build_model
+    from pyro_gbnn.predict import predict
+
+    config = tiny_config(fake_mnist)
+    pipeline.run_fit(config, tmp_path / "run")
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    data = load_dataset("mnist", fake_mnist)
+    loader = make_loader(data.test, 64, shuffle=False)
+
+    def restored():
+        net = build_model("mlp", 10, 1, 28)
+        bnn, guide = pipeline.build_mean_field(net, config, len(data.train))
+        torch.nn.ModuleDict({"bnn": bnn, "guide": guide}).load_state_dict(saved["outputs"]["mean_field"]["elbo"])
+        return bnn, guide
+
+    predictions = []
+    for _ in range(2):
+        bnn, guide = restored()
+        pyro.set_rng_seed(7)
+        predictions.append(predict(bnn, guide, loader, num_samples=5).probs)
+    assert torch.equal(predictions[0], predictions[1])
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+def test_cli_runs_and_prints_the_summary(fake_mnist, tmp_path, capsys):
+    code = main(["--dataset", "mnist", "--data-dir", str(fake_mnist), "--method", "deterministic", "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress", "--set", "model=mlp"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["accuracy"] > 0.3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "svhn"], "unknown dataset 'svhn'"),
+        (["--model", "resnet7"], "unknown model 'resnet7'"),
+        (["--method", "bayes"], "unknown method 'bayes'"),
+        (["--set", "mean_field.lrr=1"], "unknown config key 'mean_field.lrr'"),
+        (["--set", "nokey"], "not of the form key=value"),
+        (["--config", "no/such.yaml"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_code_2(fake_mnist, tmp_path, capsys, args, message):
+    base = ["--data-dir", str(fake_mnist), "--out", str(tmp_path / "r"), "--no-progress"]
+    code, err = run_cli(base + args, capsys)
+    assert code == 2
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_missing_and_malformed_data_dir(tmp_path, capsys):
+    code, err = run_cli(["--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and len(err) == 1 and "mnist" in err[0].lower()
+    (tmp_path / "bad" / "MNIST" / "raw").mkdir(parents=True)
+    (tmp_path / "bad" / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"garbage")
+    code, err = run_cli(["--dataset", "mnist", "--data-dir", str(tmp_path / "bad"), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and len(err) == 1
+
+
+def test_bad_yaml_config_is_reported(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mean_field: [unclosed\n")
+    code, err = run_cli(["--config", str(bad), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "not valid YAML" in err[0]
+
+
+def test_existing_run_is_never_overwritten_and_corrupt_checkpoint_is_reported(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "r"
+    base = ["--dataset", "mnist", "--data-dir", str(fake_mnist), "--out", str(out), "--no-progress", "--set", "model=mlp"]
+    assert main(base + ["--method", "deterministic", "--epochs", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, err = run_cli(base + ["--method", "deterministic"], capsys)
+    assert code == 2 and "already holds a run" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    code, err = run_cli(["--out", str(out), "--resume", "--epochs", "3"], capsys)
+    assert code == 2 and "drop --epochs" in err[0]
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    code, err = run_cli(["--out", str(out), "--resume"], capsys)
+    assert code == 2 and len(err) == 1 and "corrupt" in err[0]
+
+
+def test_non_finite_loss_exits_1_and_keeps_the_last_checkpoint(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["--dataset", "mnist", "--data-dir", str(fake_mnist), "--out", str(out), "--no-progress", "--set", "model=mlp"]
+    code, err = run_cli(args + ["--set", "deterministic.optimizer=sgd", "--set", "deterministic.lr=1e30"], capsys)
+    assert code == 1 and len(err) == 1 and "diverged" in err[0]
+
+
+def test_module_entry_point_runs(fake_mnist, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "pyro_gbnn.fit", "--dataset", "mnist", "--data-dir", str(fake_mnist), "--out", str(tmp_path / "r"),
+         "--method", "deterministic", "--epochs", "1", "--no-progress", "--set", "model=mlp"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "r" / "metrics.json").exists()
