@@ -1,1 +1,41 @@
-"""pyro_gbnn: compressed Bayesian neural networks on Pyro and PyTorch."""
+"""pyro_gbnn: compressed Bayesian neural networks on Pyro and PyTorch.
+
+Importing the package switches Pyro to module-local parameters
+(``pyro.settings.set(module_local_params=True)``): parameters live in modules, so
+``state_dict`` is the whole truth and two models never share state by name.
+"""
+
+from pyro_gbnn import metrics
+from pyro_gbnn.bayesian import BayesianNetwork
+from pyro_gbnn.config import DEFAULTS, apply_overrides, load_config
+from pyro_gbnn.data import load_dataset, make_loader
+from pyro_gbnn.elbo import AnalyticKL_ELBO
+from pyro_gbnn.guides import MeanFieldGuide
+from pyro_gbnn.likelihoods import Categorical, Gaussian
+from pyro_gbnn.models import build_model
+from pyro_gbnn.pipeline import run_fit
+from pyro_gbnn.predict import predict
+from pyro_gbnn.priors import IIDNormalPrior, LayerwiseNormalPrior, Prior, ScaleMixturePrior
+
+__all__ = [
+    "AnalyticKL_ELBO",
+    "BayesianNetwork",
+    "Categorical",
+    "DEFAULTS",
+    "Gaussian",
+    "IIDNormalPrior",
+    "LayerwiseNormalPrior",
+    "MeanFieldGuide",
+    "Prior",
+    "ScaleMixturePrior",
+    "apply_overrides",
+    "build_model",
+    "load_config",
+    "load_dataset",
+    "make_loader",
+    "metrics",
+    "predict",
+    "run_fit",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,43 @@
+"""Configs: every shipped file loads, overrides parse, unknown keys are named."""
+
+from pathlib import Path
+
+import pytest
+
+from pyro_gbnn.config import DEFAULTS, apply_overrides, load_config
+from pyro_gbnn.errors import UsageError
+from pyro_gbnn.models import MODELS
+from pyro_gbnn.data import DATASETS
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_name_known_things(path):
+    config = load_config(path)
+    assert config["dataset"] in DATASETS and config["model"] in MODELS
+    for stage in ("deterministic", "mean_field"):
+        assert isinstance(config[stage]["lr"], float)
+
+
+def test_overrides_parse_yaml_values_and_numbers_written_with_exponents():
+    config = apply_overrides(DEFAULTS, ["mean_field.lr=1e-4", "deterministic.milestones=[1, 2]", "data.train_subset=null"])
+    assert config["mean_field"]["lr"] == 1e-4
+    assert config["deterministic"]["milestones"] == [1, 2]
+    assert DEFAULTS["mean_field"]["lr"] != 1e-4, "defaults are never mutated"
+
+
+def test_prior_spec_replaces_args_when_class_changes():
+    config = apply_overrides(DEFAULTS, ["bnn.prior={class: scale_mixture}"])
+    assert config["bnn"]["prior"] == {"class": "scale_mixture", "args": {}}
+
+
+def test_errors_name_the_key_and_what_is_accepted(tmp_path):
+    with pytest.raises(UsageError, match="unknown config key 'bnn.priorr'; accepted here: bayesian_norm, estimator"):
+        apply_overrides(DEFAULTS, ["bnn.priorr=1"])
+    with pytest.raises(UsageError, match="expects a number, got 'fast'"):
+        apply_overrides(DEFAULTS, ["mean_field.lr=fast"])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(UsageError, match="must hold a mapping"):
+        load_config(listed)
