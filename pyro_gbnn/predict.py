@@ -44,16 +44,25 @@ def predict_batch(
     x: torch.Tensor,
     num_samples: int = 30,
     sample_chunk: int | None = 10,
+    vectorize: bool | None = None,
 ) -> torch.Tensor:
     """Per-draw class probabilities [S, B, C] for one batch (S = 1 without a guide).
 
-    The S forward passes run as one vectorised call (``torch.func.vmap`` over the weight
-    draws), ``sample_chunk`` draws at a time to bound memory.
+    ``vectorize=True`` runs the S forward passes as one call (``torch.func.vmap`` over the
+    weight draws, ``sample_chunk`` draws at a time to bound memory). On the CPU that turns
+    convolutions into grouped convolutions, which measured 1.8x slower than S plain passes
+    over the same batch (LeNet, 1000 images, 2 threads), so the default (None) vectorises
+    on CUDA only and otherwise loops over the draws, each pass over the whole batch.
     """
     if guide is None:
         return bnn(x).softmax(-1).unsqueeze(0)
     weights = draw_weights(bnn, guide, num_samples)
-    logits = vmap(lambda w: _logits_given(bnn, x, w), chunk_size=sample_chunk)(weights)
+    if vectorize is None:
+        vectorize = x.device.type == "cuda"
+    if vectorize:
+        logits = vmap(lambda w: _logits_given(bnn, x, w), chunk_size=sample_chunk)(weights)
+    else:
+        logits = torch.stack([_logits_given(bnn, x, {k: v[i] for k, v in weights.items()}) for i in range(num_samples)])
     return logits.softmax(-1)
 
 
@@ -66,6 +75,7 @@ def predict(
     keep_samples: bool = False,
     sample_chunk: int | None = 10,
     device: torch.device | str | None = None,
+    vectorize: bool | None = None,
 ) -> Prediction:
     """Posterior predictive over a loader: each batch gets its own ``num_samples`` weight draws.
 
@@ -81,7 +91,7 @@ def predict(
         for x, y in batches:
             if device is not None:
                 x = x.to(device)
-            sample_probs = predict_batch(bnn, guide, x, num_samples, sample_chunk)
+            sample_probs = predict_batch(bnn, guide, x, num_samples, sample_chunk, vectorize)
             probs.append(sample_probs.mean(0).cpu())
             labels.append(y.cpu())
             if keep_samples:

@@ -80,3 +80,22 @@ def test_estimators_fall_back_to_drawn_weights_without_a_record():
     out = poutine.replay(bnn, trace=trace)(x)
     expected = F.linear(x, trace.nodes["weight"]["value"], trace.nodes["bias"]["value"])
     assert torch.allclose(out, expected)
+
+
+def test_vectorised_and_looped_predictions_agree():
+    import pyro
+
+    from pyro_gbnn.predict import predict_batch
+
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    bnn = BayesianNetwork(net, IIDNormalPrior(), Categorical(10), estimator="local")
+    guide = MeanFieldGuide(bnn, init_scale=0.2)
+    bnn.eval()
+    x = torch.randn(5, 1, 6, 6)
+    pyro.set_rng_seed(1)
+    looped = predict_batch(bnn, guide, x, num_samples=7, vectorize=False)
+    pyro.set_rng_seed(1)
+    vectorised = predict_batch(bnn, guide, x, num_samples=7, sample_chunk=3, vectorize=True)
+    assert looped.shape == (7, 5, 4)
+    assert torch.allclose(looped, vectorised, atol=1e-5)
+    assert not torch.allclose(looped[0], looped[1]), "draws differ"
