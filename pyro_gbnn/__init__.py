@@ -6,6 +6,7 @@ Importing the package switches Pyro to module-local parameters
 """
 
 from pyro_gbnn import metrics
+from pyro_gbnn.diagnostics import to_inference_data
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.config import DEFAULTS, apply_overrides, load_config
 from pyro_gbnn.data import load_dataset, make_loader
@@ -36,6 +37,7 @@ __all__ = [
     "metrics",
     "predict",
     "run_fit",
+    "to_inference_data",
 ]
 
 __version__ = "0.1.0"
