@@ -54,7 +54,7 @@ class record_weight_distributions(Messenger):
 
     def __init__(self) -> None:
         super().__init__()
-        self._by_id: dict[int, tuple[torch.Tensor, dist.Normal]] = {}
+        self._by_id: dict[int, tuple[torch.Tensor, dist.Normal | None]] = {}
 
     def __enter__(self):
         self._token = _ACTIVE_RECORD.set(self)
@@ -70,8 +70,11 @@ class record_weight_distributions(Messenger):
         if msg["is_observed"] or not isinstance(value, torch.Tensor) or id(value) in self._by_id:
             return
         normal = _as_normal(msg["fn"])
-        if normal is not None and normal.batch_shape == value.shape:
-            self._by_id[id(value)] = (value, normal)
+        if normal is not None and normal.batch_shape != value.shape:
+            normal = None
+        # Non-Normal draws are recorded too (as None), so a later site re-using the value
+        # (the model's prior under replay) cannot claim it.
+        self._by_id[id(value)] = (value, normal)
 
     def lookup(self, value: torch.Tensor) -> dist.Normal | None:
         entry = self._by_id.get(id(value))

@@ -99,3 +99,23 @@ def test_vectorised_and_looped_predictions_agree():
     assert looped.shape == (7, 5, 4)
     assert torch.allclose(looped, vectorised, atol=1e-5)
     assert not torch.allclose(looped[0], looped[1]), "draws differ"
+
+
+def test_non_normal_guide_draws_are_used_as_drawn_not_replaced_by_the_prior():
+    import pyro
+    import pyro.distributions as dist
+
+    bnn = BayesianNetwork(nn.Linear(3, 2), IIDNormalPrior(), Categorical(1), estimator="local")
+    weight, bias = torch.randn(2, 3, requires_grad=True), torch.randn(2)
+
+    def delta_guide():
+        pyro.sample("weight", dist.Delta(weight, event_dim=2))
+        pyro.sample("bias", dist.Delta(bias, event_dim=1))
+
+    x = torch.randn(5, 3)
+    with record_weight_distributions():
+        trace = poutine.trace(delta_guide).get_trace()
+        out = poutine.replay(bnn, trace=trace)(x)
+    assert torch.allclose(out, F.linear(x, weight, bias))
+    out.sum().backward()
+    assert weight.grad is not None
