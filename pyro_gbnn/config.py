@@ -17,7 +17,7 @@ from pyro_gbnn.errors import UsageError
 
 __all__ = ["DEFAULTS", "METHODS", "load_config", "merge", "apply_overrides", "dump_config"]
 
-METHODS = ("deterministic", "mean-field")
+METHODS = ("deterministic", "mean-field", "2dgbnn")
 
 _SCHEDULE = {
     "epochs": 1,
@@ -63,6 +63,40 @@ DEFAULTS: dict[str, Any] = {
         eval_samples=8,
         num_particles=1,
     ),
+    # Stage 2 (2DGBNN): outliers, 2D mixture, dissolving, merging, alpha-blending.
+    # See pyro_gbnn.sharing.build.SharingSettings for each key's meaning.
+    "sharing": {
+        "grad_batches": 20,
+        "tau_w": 0.2,
+        "top_grad_fraction": 0.01,
+        "num_components": 2000,
+        "min_cluster_size": 30,
+        "merge": True,
+        "merge_tau_d": 0.01,
+        "merge_tau_g": None,
+        "merge_tau_v": None,
+        "merge_rule": "barycenter",
+        "blend": True,
+        "blend_k": 5,
+        "mahalanobis_threshold": 5.991,
+        "gmm_batch_size": 65536,
+        "gmm_max_epochs": 100,
+        "gmm_tol": 1e-4,
+        "gmm_mode": "epoch",
+    },
+    # Stage 3 (2DGBNN): fine-tuning with the shared-mixture guide (appendix I.5: lr 1e-5).
+    "fine_tune": dict(
+        _SCHEDULE,
+        epochs=1,
+        optimizer="adam",
+        lr=1e-5,
+        lr_scale=1e-3,
+        eval_samples=8,
+        num_particles=1,
+        semantics="tied",
+        shared_prior="weight",
+        kl_weighting="sum",
+    ),
     "bnn": {
         "prior": {"class": "iid_normal", "args": {"loc": 0.0, "scale": 1.0}},
         "estimator": "local",
@@ -97,6 +131,11 @@ def merge(base: dict, update: dict, path: str = "") -> dict:
 def _coerce(where: str, default: Any, value: Any) -> Any:
     """Numbers written like ``1e-3`` load from YAML as strings; read them as the default's type."""
     numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if default is None and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
     if numeric and isinstance(value, str):
         try:
             return float(value)

@@ -16,7 +16,7 @@ from pyro_gbnn.errors import DivergedError, UsageError
 
 __all__ = ["main", "build_config"]
 
-_FINAL_STAGE = {"deterministic": "deterministic", "mean-field": "mean_field"}
+_FINAL_STAGE = {"deterministic": "deterministic", "mean-field": "mean_field", "2dgbnn": "fine_tune"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -32,11 +32,14 @@ from pyro_gbnn.data import DataSplits, load_dataset, make_loader
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.guides import MeanFieldGuide
+from pyro_gbnn.guides.shared_mixture import SharedMixtureGuide
 from pyro_gbnn.likelihoods import Categorical
 from pyro_gbnn.metrics import classification_metrics
 from pyro_gbnn.models import build_model
 from pyro_gbnn.predict import predict
 from pyro_gbnn.registry import build_prior
+from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
+from pyro_gbnn.sharing.plan import SharingPlan
 from pyro_gbnn.train import (
     JsonLinesLog,
     deterministic_step,
@@ -46,12 +49,19 @@ from pyro_gbnn.train import (
     train_epochs,
 )
 
-__all__ = ["STAGES", "run_fit", "count_trainable", "build_mean_field", "FitRun"]
+__all__ = ["STAGES", "run_fit", "count_trainable", "build_mean_field", "accumulate_gradients", "FitRun"]
 
 STAGES: dict[str, tuple[str, ...]] = {
     "deterministic": ("deterministic",),
     "mean-field": ("deterministic", "mean_field"),
+    "2dgbnn": ("deterministic", "mean_field", "sharing", "fine_tune"),
 }
+
+
+FINAL_KEYS = (
+    "accuracy", "nll", "ece", "brier", "n_params_trainable", "size_bytes",
+    "n_outliers", "n_ellipses", "n_gaussians", "size_bytes_with_index",
+)
 
 
 def count_trainable(module: nn.Module) -> int:
@@ -140,7 +150,7 @@ class FitRun:
             **metrics,
             "n_params_trainable": n_params,
             "size_bytes": 4 * n_params,
-            "epochs": self.config[stage]["epochs"],
+            "epochs": self.config[stage].get("epochs", 0),
             "wall_time_s": round(self.stage_time.get(stage, 0.0), 2),
         }
         self.outputs[stage] = output
@@ -227,7 +237,124 @@ def _stage_mean_field(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     run.finish_stage("mean_field", bnn, guide, elbo, {"elbo": elbo.state_dict()})
 
 
-STAGE_RUNNERS = {"deterministic": _stage_deterministic, "mean_field": _stage_mean_field}
+def _restore_mean_field(run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, MeanFieldGuide, AnalyticKL_ELBO]:
+    """The stage-1 BNN, guide and ELBO as they were when stage 1 finished."""
+    net.load_state_dict(run.outputs["deterministic"]["net"])
+    bnn, guide = build_mean_field(net, run.config, len(run.data.train))
+    elbo = AnalyticKL_ELBO(bnn, guide)
+    elbo.load_state_dict(run.outputs["mean_field"]["elbo"])
+    return bnn, guide, elbo
+
+
+def accumulate_gradients(
+    elbo: AnalyticKL_ELBO, guide: MeanFieldGuide, batches, num_batches: int, dataset_size: int, device="cpu"
+) -> dict[str, torch.Tensor]:
+    """Mean |d(-ELBO per datum) / d loc| of every weight over ``num_batches`` batches (section 4.1)."""
+    totals = {name: torch.zeros(shape) for name, shape in guide.site_shapes.items()}
+    seen = 0
+    for x, y in batches:
+        if seen == num_batches:
+            break
+        elbo.zero_grad(set_to_none=True)
+        (elbo(x.to(device), y.to(device)) / dataset_size).backward()
+        for name in totals:
+            totals[name] += guide.loc[name.replace(".", "/")].grad.detach().abs().cpu()
+        seen += 1
+    elbo.zero_grad(set_to_none=True)
+    return {name: total / max(seen, 1) for name, total in totals.items()}
+
+
+def sharing_metrics(plan: SharingPlan) -> dict[str, int]:
+    return {
+        "n_outliers": int(plan.outlier_index.numel()),
+        "n_ellipses": int(plan.ellipse_index.numel()),
+        "n_gaussians": plan.num_components,
+    }
+
+
+def _shared_guide(run: FitRun, bnn: BayesianNetwork, plan: SharingPlan) -> SharedMixtureGuide:
+    section = run.config["fine_tune"]
+    return SharedMixtureGuide(
+        bnn, plan, semantics=section["semantics"], prior=section["shared_prior"], kl_weighting=section["kl_weighting"]
+    )
+
+
+def _finish_shared_stage(run: FitRun, stage: str, bnn, guide, elbo, plan: SharingPlan, output: dict) -> None:
+    run.finish_stage(stage, bnn, guide, elbo, output)
+    result = run.results[stage]
+    result.update(sharing_metrics(plan))
+    result["size_bytes_with_index"] = result["size_bytes"] + plan.index_bytes()
+
+
+def _stage_sharing(run: FitRun, net: nn.Module, resume: dict | None) -> None:
+    section = run.config["sharing"]
+    started = time.perf_counter()
+    bnn, guide, elbo = _restore_mean_field(run, net)
+    epoch_after_stage1 = run.config["mean_field"]["epochs"]
+    gradients = accumulate_gradients(
+        elbo, guide, run.loader("train", epoch_after_stage1), section["grad_batches"], len(run.data.train), run.config["device"]
+    )
+    settings = SharingSettings.from_dict(
+        {k: v for k, v in section.items() if k != "grad_batches"} | {"seed": run.config["seed"]}
+    )
+    plan = build_sharing_plan(guide.posterior_moments(), gradients, settings)
+    atomic_write_bytes(run.out / "sharing_plan.pt", lambda handle: torch.save(plan.to_state(), handle))
+    shared = _shared_guide(run, bnn, plan)
+    shared_elbo = AnalyticKL_ELBO(bnn, shared)
+    run.stage_time["sharing"] = time.perf_counter() - started
+    _finish_shared_stage(run, "sharing", bnn, shared, shared_elbo, plan, {"plan": plan.to_state(), "bnn": bnn.state_dict()})
+    run.results["sharing"]["report"] = {k: v for k, v in plan.report.items() if k != "settings"}
+
+
+def _stage_fine_tune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
+    section = run.config["fine_tune"]
+    net.load_state_dict(run.outputs["deterministic"]["net"])
+    bnn, _ = build_mean_field(net, run.config, len(run.data.train))
+    bnn.load_state_dict(run.outputs["sharing"]["bnn"])
+    plan = SharingPlan.from_state(run.outputs["sharing"]["plan"])
+    guide = _shared_guide(run, bnn, plan)
+    elbo = AnalyticKL_ELBO(bnn, guide, num_particles=section["num_particles"])
+    locations = ("centre_mu", "outlier_loc")
+    scales = [p for name, p in guide.named_parameters() if name not in locations]
+    groups = [
+        {"params": [getattr(guide, name) for name in locations], "lr": section["lr"]},
+        {"params": scales, "lr": section["lr_scale"], "weight_decay": 0.0},
+    ]
+    others = [p for p in bnn.parameters() if p.requires_grad]
+    if others:
+        groups.append({"params": others, "lr": section["lr"]})
+    optimizer = make_optimizer(groups, section)
+    schedule = make_lr_schedule(optimizer, section, len(run.loader("train")))
+    start = 0
+    if resume is not None:
+        elbo.load_state_dict(resume["states"]["elbo"])
+        optimizer.load_state_dict(resume["states"]["optimizer"])
+        schedule.load_state_dict(resume["states"]["schedule"])
+        set_rng_state(resume["rng"])
+        start = resume["epoch"]
+    first_epoch = run.config["mean_field"]["epochs"] + 1
+    _timed_epochs(
+        run,
+        "fine_tune",
+        start,
+        step=elbo_step(elbo, len(run.data.train)),
+        module=elbo,
+        optimizer=optimizer,
+        schedule=schedule,
+        batches_for_epoch=lambda e: run.loader("train", first_epoch + e),
+        epochs=section["epochs"],
+        evaluate=lambda: run.evaluate(bnn, guide, run.eval_split, section["eval_samples"]),
+        save_states=lambda: {"elbo": elbo.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+    )
+    _finish_shared_stage(run, "fine_tune", bnn, guide, elbo, plan, {"elbo": elbo.state_dict()})
+
+
+STAGE_RUNNERS = {
+    "deterministic": _stage_deterministic,
+    "mean_field": _stage_mean_field,
+    "sharing": _stage_sharing,
+    "fine_tune": _stage_fine_tune,
+}
 
 
 def _load_data(config: dict) -> DataSplits:
@@ -264,7 +391,19 @@ def run_fit(
     """Run (or resume) every stage of ``config["method"]``; returns the contents of metrics.json.
 
     On resume the saved config is used; ``data_dir`` may point to the data's new place.
+    Runs with ``torch.use_deterministic_algorithms`` on (restored afterwards): the
+    shared-mixture guide's gathers back-propagate through scatter-adds whose default CPU
+    kernels sum in a thread-dependent order, and a resumed run must match exactly.
     """
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _run_fit(config, out_dir, resume, progress, data_dir)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
     if config["method"] not in STAGES:
         raise UsageError(f"unknown method {config['method']!r}; use one of {', '.join(METHODS)}")
     out = Path(out_dir)
@@ -295,11 +434,11 @@ def run_fit(
         if state is not None and resume_state is None:
             set_rng_state(state["rng"])
         STAGE_RUNNERS[stage](run, net, resume_state)
-        run.save(stage, config[stage]["epochs"], {})
+        run.save(stage, config[stage].get("epochs", 0), {})
         state = None
     final = run.results[STAGES[config["method"]][-1]]
     metrics = {
-        **{k: final[k] for k in ("accuracy", "nll", "ece", "brier", "n_params_trainable", "size_bytes")},
+        **{k: final[k] for k in FINAL_KEYS if k in final},
         "dataset": config["dataset"],
         "model": config["model"],
         "method": config["method"],

@@ -189,3 +189,54 @@ def test_module_entry_point_runs(fake_mnist, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "r" / "metrics.json").exists()
+
+
+GBNN = [
+    "fine_tune.epochs=1",
+    "fine_tune.lr=0.001",
+    "sharing.num_components=16",
+    "sharing.min_cluster_size=5",
+    "sharing.gmm_max_epochs=10",
+    "sharing.grad_batches=2",
+]
+
+
+def test_2dgbnn_run_reports_sharing_counts_and_saves_the_plan(fake_mnist, tmp_path):
+    metrics = pipeline.run_fit(tiny_config(fake_mnist, "2dgbnn", GBNN), tmp_path / "g")
+    assert list(metrics["stages"]) == ["deterministic", "mean_field", "sharing", "fine_tune"]
+    for stage in ("sharing", "fine_tune"):
+        result = metrics["stages"][stage]
+        for key in ("accuracy", "nll", "ece", "n_outliers", "n_ellipses", "n_gaussians", "n_params_trainable", "size_bytes", "size_bytes_with_index"):
+            assert key in result
+        assert result["size_bytes_with_index"] > result["size_bytes"]
+    assert metrics["n_params_trainable"] < metrics["stages"]["mean_field"]["n_params_trainable"] / 5
+    plan = load_checkpoint_plan(tmp_path / "g" / "sharing_plan.pt")
+    assert plan.num_components == metrics["n_gaussians"]
+
+
+def load_checkpoint_plan(path):
+    from pyro_gbnn.sharing.plan import SharingPlan
+
+    return SharingPlan.from_state(torch.load(path, weights_only=True))
+
+
+@pytest.mark.parametrize("kill_after_saves", [6, 7, 8])
+def test_2dgbnn_resume_after_a_kill_in_stages_2_and_3(fake_mnist, tmp_path, monkeypatch, kill_after_saves):
+    config = tiny_config(fake_mnist, "2dgbnn", GBNN)
+    reference = pipeline.run_fit(config, tmp_path / "reference")
+    original_save = pipeline.FitRun.save
+    calls = {"n": 0}
+
+    def save_then_die(self, *args, **kwargs):
+        original_save(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == kill_after_saves:
+            raise Killed()
+
+    monkeypatch.setattr(pipeline.FitRun, "save", save_then_die)
+    with pytest.raises(Killed):
+        pipeline.run_fit(config, tmp_path / "killed")
+    monkeypatch.setattr(pipeline.FitRun, "save", original_save)
+    resumed = pipeline.run_fit(config, tmp_path / "killed", resume=True)
+    for key in ("accuracy", "nll", "ece", "n_outliers", "n_ellipses", "n_gaussians", "n_params_trainable"):
+        assert resumed[key] == reference[key], key

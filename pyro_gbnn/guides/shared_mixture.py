@@ -1,0 +1,261 @@
+"""The 2DGBNN guide: inlier weights tied to K shared 2D Gaussians, outliers on their own.
+
+Trainable parameters are the K component centres (mean coordinate ``centre_mu`` and std
+coordinate ``softplus(centre_rho)``), their 2x2 covariance factors (Cholesky, positive
+diagonal), and each outlier's mean and scale. Which weight uses what is fixed by the
+stage-2 :class:`~pyro_gbnn.sharing.plan.SharingPlan` and stored as buffers.
+
+Two sampling semantics:
+
+``tied`` (default; Algorithm 1 line 28 and the authors' code). Per forward sample, one
+draw z_k ~ N(m_k, Sigma_k) per component; every inlier of component k takes the mean
+coordinate of z_k, an ellipse weight takes sum_j alpha_j z_{c_j}. The random variables
+are the K draws, so the network sees strongly correlated weights and a sample costs K
+random numbers instead of one per weight. Pick it for the paper's behaviour and the
+cheapest sampling.
+
+``independent``. Each inlier draws its own value from N(m_k, s_k^2), with (m_k, s_k) its
+component's centre: a mean-field posterior whose parameters are shared. Ellipse weights
+are Normal with the moments of their alpha-mixture. Every weight is an independent
+Normal, so local reparameterization and flipout apply. Pick it for a proper mean-field
+posterior with a guaranteed bound on its KL.
+
+The KL terms of the bounded ELBO (paper Eq. 10), as :meth:`kl_divergence` returns them:
+
+* outliers: sum_i KL(N(loc_i, scale_i^2) || p_i), exact.
+* ``independent``: each weight's q is Normal; for an ellipse weight, the moment-matched
+  Normal of sum_j alpha_j N(m_j, s_j^2). With a Gaussian prior, the cross-entropy depends
+  on the first two moments only and the matched Normal has the largest entropy, so
+  KL(q_i || p_i) <= KL(mixture || p_i) <= sum_j alpha_ij KL(N(m_j, s_j^2) || p_i) by
+  convexity. The term is therefore sum_k n_k KL(N(m_k, s_k^2) || p) with n_k the
+  alpha-weighted member counts (computed per weight, so layer-wise priors are exact): an
+  upper bound on the true KL, i.e. the objective is a lower bound on the ELBO.
+* ``tied``: sum_k KL(q(z_k) || p(z_k)). With ``prior="weight"`` (default) p is the
+  network's prior of a weight, on the mean coordinate (the std coordinate does not enter
+  the likelihood); a component whose members span layers with different priors takes the
+  prior of the layer holding most of them. With ``prior="anchor"`` p(z_k) is the stage-2
+  component itself, N(m_k^(0), Sigma_k^(0)), an empirical-Bayes anchor (the authors'
+  code).
+* ``kl_weighting="paper"`` weights each component's KL by the mixture proportion pi_k as
+  Eq. 10 is printed, instead of by its member count (independent) or 1 (tied). The
+  proportions sum to one, so this shrinks the mixture term by a factor of about the number
+  of inliers (independent) or is at most the largest KL (tied): the result is no longer a
+  bound on the ELBO, only a regulariser of similar shape.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.distributions.kl import kl_divergence as _kl
+from pyro.nn import PyroModule
+from torch import nn
+
+from pyro_gbnn.bayesian import BayesianNetwork
+from pyro_gbnn.sharing.plan import SharingPlan
+
+__all__ = ["SharedMixtureGuide", "SEMANTICS"]
+
+SEMANTICS = ("tied", "independent")
+PRIOR_CHOICES = ("weight", "anchor")
+KL_WEIGHTINGS = ("sum", "paper")
+
+
+def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+def _normal_prior_vectors(bnn: BayesianNetwork, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    locs, scales = [], []
+    for name in names:
+        prior = bnn.prior_distribution(name)
+        base = prior.base_dist if isinstance(prior, dist.Independent) else prior
+        if not isinstance(base, (dist.Normal, torch.distributions.Normal)):
+            raise ValueError(
+                f"2DGBNN's KL terms need a Normal prior per weight; site {name!r} has {type(base).__name__} "
+                "(use iid_normal or layerwise_normal)"
+            )
+        shape = bnn.site_shapes[name]
+        locs.append(base.loc.expand(shape).reshape(-1))
+        scales.append(base.scale.expand(shape).reshape(-1))
+    return torch.cat(locs).detach(), torch.cat(scales).detach()
+
+
+class SharedMixtureGuide(PyroModule):
+    """Guide over ``bnn``'s weights following a stage-2 :class:`SharingPlan` (see module doc)."""
+
+    def __init__(
+        self,
+        bnn: BayesianNetwork,
+        plan: SharingPlan,
+        semantics: str = "tied",
+        prior: str = "weight",
+        kl_weighting: str = "sum",
+    ) -> None:
+        for value, accepted, what in (
+            (semantics, SEMANTICS, "semantics"),
+            (prior, PRIOR_CHOICES, "prior"),
+            (kl_weighting, KL_WEIGHTINGS, "kl_weighting"),
+        ):
+            if value not in accepted:
+                raise ValueError(f"{what} {value!r} is unknown; use one of {accepted}")
+        if list(bnn.site_shapes) != list(plan.site_names):
+            raise ValueError("the sharing plan was made for another network: its sites differ from bnn.site_shapes")
+        plan.check()
+        super().__init__()
+        self.semantics, self.prior_choice, self.kl_weighting = semantics, prior, kl_weighting
+        self.site_shapes = bnn.site_shapes
+        self._sizes = [int(torch.Size(s).numel()) for s in self.site_shapes.values()]
+        means, covs = plan.means.float(), plan.covs.float()
+        chol = torch.linalg.cholesky(covs)
+        self.centre_mu = nn.Parameter(means[:, 0].clone())
+        self.centre_rho = nn.Parameter(_inverse_softplus(means[:, 1].clamp_min(1e-6)))
+        self.chol_log_diag = nn.Parameter(torch.stack([chol[:, 0, 0], chol[:, 1, 1]], -1).log())
+        self.chol_offdiag = nn.Parameter(chol[:, 1, 0].clone())
+        self.outlier_loc = nn.Parameter(plan.outlier_loc.float().clone())
+        self.outlier_rho = nn.Parameter(_inverse_softplus(plan.outlier_scale.float().clamp_min(1e-6)))
+
+        # Stored compactly (as in the plan) and once more as int64 for fast gathers.
+        self.register_buffer("inlier_component", plan.inlier_component.clone())
+        self.register_buffer("ellipse_components", plan.ellipse_components.clone())
+        self.register_buffer("ellipse_alphas", plan.ellipse_alphas.float().clone())
+        self.register_buffer("anchor_means", means.clone())
+        self.register_buffer("anchor_covs", covs.clone())
+        order = torch.cat([plan.outlier_index, plan.inlier_index, plan.ellipse_index]).long()
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        self.register_buffer("_gather", inverse, persistent=False)
+        self.register_buffer("_inlier_long", plan.inlier_component.long(), persistent=False)
+        self.register_buffer("_ellipse_long", plan.ellipse_components.long(), persistent=False)
+        self.register_buffer("outlier_index", plan.outlier_index.long().clone())
+        self.register_buffer("inlier_index", plan.inlier_index.long().clone())
+        self.register_buffer("ellipse_index", plan.ellipse_index.long().clone())
+
+        prior_loc, prior_scale = _normal_prior_vectors(bnn, list(self.site_shapes))
+        self.register_buffer("_prior_loc", prior_loc, persistent=False)
+        self.register_buffer("_prior_scale", prior_scale, persistent=False)
+        self.register_buffer("_component_prior", self._component_priors(prior_loc, prior_scale), persistent=False)
+        self.register_buffer("counts", plan.counts.float().clone())
+
+    # ----- parameters -------------------------------------------------------------
+    @property
+    def num_components(self) -> int:
+        return int(self.centre_mu.shape[0])
+
+    def component_scale(self) -> torch.Tensor:
+        """Std coordinate s_k of each centre (the weight std under ``independent``)."""
+        return F.softplus(self.centre_rho)
+
+    def component_cholesky(self) -> torch.Tensor:
+        """[K, 2, 2] lower-triangular factors of the component covariances."""
+        diag = self.chol_log_diag.exp()
+        zero = torch.zeros_like(self.chol_offdiag)
+        return torch.stack(
+            [torch.stack([diag[:, 0], zero], -1), torch.stack([self.chol_offdiag, diag[:, 1]], -1)], -2
+        )
+
+    def outlier_scale(self) -> torch.Tensor:
+        return F.softplus(self.outlier_rho)
+
+    def _component_priors(self, prior_loc: torch.Tensor, prior_scale: torch.Tensor) -> torch.Tensor:
+        """[K, 2] (loc, scale) of the weight prior each component's draw is held to (tied)."""
+        k = self.num_components
+        members = torch.cat([self.inlier_index, self.ellipse_index])
+        comps = torch.cat([self._inlier_long, self._ellipse_long[:, 0] if self._ellipse_long.numel() else self._inlier_long[:0]])
+        site_of = torch.bucketize(members, torch.tensor(self._sizes).cumsum(0), right=True)
+        n_sites = len(self._sizes)
+        votes = torch.bincount(comps * n_sites + site_of, minlength=k * n_sites).view(k, n_sites)
+        major_site = votes.argmax(1)
+        offsets = torch.tensor([0] + self._sizes[:-1]).cumsum(0)
+        first_weight = offsets[major_site]
+        return torch.stack([prior_loc[first_weight], prior_scale[first_weight]], -1)
+
+    # ----- sampling ---------------------------------------------------------------
+    def _assemble(self, outliers: torch.Tensor, inliers: torch.Tensor, ellipses: torch.Tensor) -> torch.Tensor:
+        """Values in role order -> flat weight vector in site order (leading dims kept)."""
+        return torch.cat([outliers, inliers, ellipses], -1).index_select(-1, self._gather)
+
+    def _split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        lead = flat.shape[:-1]
+        return {
+            name: part.reshape(*lead, *shape)
+            for (name, shape), part in zip(self.site_shapes.items(), torch.split(flat, self._sizes, -1))
+        }
+
+    def _tied_values(self, sample_shape: torch.Size) -> torch.Tensor:
+        eps = torch.randn(*sample_shape, self.num_components, device=self.centre_mu.device)
+        z = self.centre_mu + self.chol_log_diag[:, 0].exp() * eps
+        inliers = z.index_select(-1, self._inlier_long)
+        ellipses = (z[..., self._ellipse_long] * self.ellipse_alphas).sum(-1)
+        outliers = self.outlier_loc + self.outlier_scale() * torch.randn(*sample_shape, self.outlier_loc.numel(), device=eps.device)
+        return self._assemble(outliers, inliers, ellipses)
+
+    def weight_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat per-weight (loc, scale) of the ``independent`` guide, in site order."""
+        m, s = self.centre_mu, self.component_scale()
+        alphas = self.ellipse_alphas
+        ell_m = (m[self._ellipse_long] * alphas).sum(-1)
+        ell_second = ((s * s + m * m)[self._ellipse_long] * alphas).sum(-1)
+        ell_s = (ell_second - ell_m * ell_m).clamp_min(1e-12).sqrt()
+        loc = self._assemble(self.outlier_loc, m.index_select(0, self._inlier_long), ell_m)
+        scale = self._assemble(self.outlier_scale(), s.index_select(0, self._inlier_long), ell_s)
+        return loc, scale
+
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        if self.semantics == "tied":
+            values = self._split(self._tied_values(torch.Size()))
+            return {n: pyro.sample(n, dist.Delta(v, event_dim=v.dim())) for n, v in values.items()}
+        locs, scales = (self._split(t) for t in self.weight_moments())
+        return {n: pyro.sample(n, dist.Normal(locs[n], scales[n]).to_event(locs[n].dim())) for n in self.site_shapes}
+
+    @torch.no_grad()
+    def sample_weights(self, num_samples: int) -> dict[str, torch.Tensor]:
+        """``num_samples`` draws of every weight, [S, *shape], vectorised."""
+        if self.semantics == "tied":
+            return self._split(self._tied_values(torch.Size([num_samples])))
+        loc, scale = self.weight_moments()
+        return self._split(loc + scale * torch.randn(num_samples, loc.numel(), device=loc.device))
+
+    # ----- KL -----------------------------------------------------------------------
+    def kl_divergence(self, bnn: BayesianNetwork | None = None) -> torch.Tensor:
+        """The mixture KL term plus the outliers' KL (see the module doc for what each is)."""
+        normal = torch.distributions.Normal
+        outlier_prior = normal(self._prior_loc[self.outlier_index], self._prior_scale[self.outlier_index])
+        outliers = _kl(normal(self.outlier_loc, self.outlier_scale()), outlier_prior).sum()
+        return outliers + (self._tied_kl() if self.semantics == "tied" else self._independent_kl())
+
+    def _tied_kl(self) -> torch.Tensor:
+        if self.prior_choice == "anchor":
+            scale_tril = self.component_cholesky()
+            centre = torch.stack([self.centre_mu, self.component_scale()], -1)
+            q = torch.distributions.MultivariateNormal(centre, scale_tril=scale_tril)
+            p = torch.distributions.MultivariateNormal(self.anchor_means, covariance_matrix=self.anchor_covs)
+            per_component = torch.distributions.kl_divergence(q, p)
+        else:
+            q = torch.distributions.Normal(self.centre_mu, self.chol_log_diag[:, 0].exp())
+            p = torch.distributions.Normal(self._component_prior[:, 0], self._component_prior[:, 1])
+            per_component = torch.distributions.kl_divergence(q, p)
+        if self.kl_weighting == "paper":
+            return (per_component * self.counts / self.counts.sum().clamp_min(1e-12)).sum()
+        return per_component.sum()
+
+    def _independent_kl(self) -> torch.Tensor:
+        normal = torch.distributions.Normal
+        m, s = self.centre_mu, self.component_scale()
+        inl = self.inlier_index
+        kl_in = torch.distributions.kl_divergence(
+            normal(m[self._inlier_long], s[self._inlier_long]), normal(self._prior_loc[inl], self._prior_scale[inl])
+        ).sum()
+        kl_ell = torch.zeros((), device=m.device)
+        if self.ellipse_index.numel():
+            ell = self.ellipse_index.unsqueeze(-1)
+            per = torch.distributions.kl_divergence(
+                normal(m[self._ellipse_long], s[self._ellipse_long]), normal(self._prior_loc[ell], self._prior_scale[ell])
+            )
+            kl_ell = (per * self.ellipse_alphas).sum()
+        total = kl_in + kl_ell
+        if self.kl_weighting == "paper":
+            return total / max(1, inl.numel() + self.ellipse_index.numel())
+        return total

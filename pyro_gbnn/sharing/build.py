@@ -1,0 +1,155 @@
+"""Stage 2 of 2DGBNN as one function: outliers, 2D mixture, dissolving, merging, blending.
+
+Input: every Bayesian weight's (mean, std) from the stage-1 mean-field guide and its
+accumulated gradient magnitude; output: a :class:`~pyro_gbnn.sharing.plan.SharingPlan`.
+Each step is a plain tensor function of its own module, so each can be tested and
+ablated alone (``tau_w=None``, ``top_grad_fraction=None``, ``merge=False``,
+``blend=False``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from pyro_gbnn.sharing.blending import blend_weights, ellipse_mask
+from pyro_gbnn.sharing.gmm import fit_gmm_2d, gmm_assign
+from pyro_gbnn.sharing.merging import merge_components
+from pyro_gbnn.sharing.outliers import dissolve_small_clusters, outlier_mask
+from pyro_gbnn.sharing.plan import SharingPlan, index_dtype
+
+__all__ = ["SharingSettings", "build_sharing_plan"]
+
+
+@dataclass
+class SharingSettings:
+    """Stage-2 settings (paper defaults from section 4 and appendices E, H, I.5).
+
+    ``merge_tau_d`` compares the W2 distance (square root of Eq. 4); ``merge_tau_g`` the
+    difference of the members' mean gradient magnitude at the two centres; ``merge_tau_v``
+    the difference of the covariance traces. None switches a threshold off.
+    """
+
+    tau_w: float | None = 0.2
+    top_grad_fraction: float | None = 0.01
+    num_components: int = 2000
+    min_cluster_size: int = 30
+    merge: bool = True
+    merge_tau_d: float | None = 0.01
+    merge_tau_g: float | None = None
+    merge_tau_v: float | None = None
+    merge_rule: str = "barycenter"
+    blend: bool = True
+    blend_k: int = 5
+    mahalanobis_threshold: float = 5.991
+    gmm_batch_size: int = 65536
+    gmm_max_epochs: int = 100
+    gmm_tol: float = 1e-4
+    gmm_mode: str = "epoch"
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SharingSettings":
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown sharing settings {sorted(unknown)}; accepted: {sorted(cls.__dataclass_fields__)}")
+        return cls(**values)
+
+
+def _flatten(moments: dict[str, tuple[torch.Tensor, torch.Tensor]], gradients: dict[str, torch.Tensor] | None):
+    names = list(moments)
+    loc = torch.cat([moments[n][0].reshape(-1) for n in names]).detach().float().cpu()
+    scale = torch.cat([moments[n][1].reshape(-1) for n in names]).detach().float().cpu()
+    grad = None
+    if gradients is not None:
+        grad = torch.cat([gradients[n].reshape(-1) for n in names]).detach().float().cpu().abs()
+    shapes = [list(moments[n][0].shape) for n in names]
+    return names, shapes, loc, scale, grad
+
+
+def build_sharing_plan(
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    gradients: dict[str, torch.Tensor] | None,
+    settings: SharingSettings,
+) -> SharingPlan:
+    """Run stage 2 on per-site (loc, scale) and gradient magnitudes; returns the plan.
+
+    The plan's ``report`` records counts and timings of each step and the mixture's mean
+    log-likelihood, so a run can be inspected without re-running it.
+    """
+    started = time.perf_counter()
+    names, shapes, loc, scale, grad = _flatten(moments, gradients)
+    n = loc.numel()
+    outliers = outlier_mask(loc, grad, settings.tau_w, settings.top_grad_fraction)
+    report: dict[str, Any] = {"settings": asdict(settings), "n_weights": n, "n_outliers_initial": int(outliers.sum())}
+
+    inlier_pos = (~outliers).nonzero().squeeze(-1)
+    points = torch.stack([loc[inlier_pos], scale[inlier_pos]], -1).double()
+    k = min(settings.num_components, max(1, points.shape[0]))
+    t0 = time.perf_counter()
+    gmm = fit_gmm_2d(
+        points, k, batch_size=settings.gmm_batch_size, max_epochs=settings.gmm_max_epochs,
+        tol=settings.gmm_tol, seed=settings.seed, mode=settings.gmm_mode,
+    )
+    report.update(gmm_time_s=time.perf_counter() - t0, gmm_mean_log_likelihood=gmm.mean_log_likelihood, gmm_epochs=gmm.n_iter, n_gaussians_initial=k)
+    assign, _ = gmm_assign(points, gmm.weights, gmm.means, gmm.covs, settings.gmm_batch_size)
+
+    keep, kept, remap = dissolve_small_clusters(assign, k, settings.min_cluster_size)
+    means, covs = gmm.means[kept], gmm.covs[kept]
+    assign = remap[assign]
+    outliers[inlier_pos[~keep]] = True
+    inlier_pos, points, assign = inlier_pos[keep], points[keep], assign[keep]
+    counts = torch.bincount(assign, minlength=means.shape[0]).double()
+    report["n_gaussians_after_dissolving"] = int(means.shape[0])
+
+    if settings.merge and means.shape[0] > 1:
+        member_grad = grad[inlier_pos].double() if grad is not None else torch.zeros(inlier_pos.numel(), dtype=torch.float64)
+        grad_sum = torch.zeros(means.shape[0], dtype=torch.float64).index_add_(0, assign, member_grad)
+        grad_at_centres = grad_sum / counts.clamp_min(1)
+        merged = merge_components(
+            means, covs, counts, grad_at_centres if grad is not None else None,
+            settings.merge_tau_d, settings.merge_tau_g, settings.merge_tau_v, rule=settings.merge_rule,
+        )
+        means, covs, counts, assign = merged.means, merged.covs, merged.weights, merged.mapping[assign]
+        report["merge_rounds"] = merged.rounds
+    report["n_gaussians"] = int(means.shape[0])
+
+    comp_dtype = index_dtype(means.shape[0])
+    if settings.blend and means.shape[0] > 1:
+        ellipse = ellipse_mask(points, means, covs, assign, settings.mahalanobis_threshold)
+        ell_comps, ell_alphas = blend_weights(points[ellipse], means, covs, settings.blend_k)
+        counts = counts - torch.bincount(assign[ellipse], minlength=means.shape[0]).double()
+        counts = counts.index_add_(0, ell_comps.reshape(-1), ell_alphas.reshape(-1).double())
+    else:
+        ellipse = torch.zeros(points.shape[0], dtype=torch.bool)
+        ell_comps = torch.zeros(0, 1, dtype=torch.int64)
+        ell_alphas = torch.zeros(0, 1)
+
+    outlier_pos = outliers.nonzero().squeeze(-1)
+    plan = SharingPlan(
+        site_names=names,
+        site_shapes=shapes,
+        means=means.float(),
+        covs=covs.float(),
+        counts=counts.float(),
+        outlier_index=outlier_pos,
+        outlier_loc=loc[outlier_pos].clone(),
+        outlier_scale=scale[outlier_pos].clone(),
+        inlier_index=inlier_pos[~ellipse],
+        inlier_component=assign[~ellipse].to(comp_dtype),
+        ellipse_index=inlier_pos[ellipse],
+        ellipse_components=ell_comps.to(comp_dtype),
+        ellipse_alphas=ell_alphas.float(),
+        report=report,
+    )
+    plan.check()
+    report.update(
+        n_outliers=int(outlier_pos.numel()),
+        n_ellipses=int(ellipse.sum()),
+        n_inliers=int((~ellipse).sum()),
+        time_s=time.perf_counter() - started,
+    )
+    return plan

@@ -1,0 +1,868 @@
+"""The 2D Gaussian mixture over the (mu, sigma) plane (Sec. 4.2, Eq. 3).
+
+2DGBNN clusters the inlier weights, one point ``(mu_i, sigma_i)`` per weight, with a
+full-covariance Gaussian mixture of K components (the paper uses K = 2000 on millions of
+weights). :func:`fit_gmm_2d` fits it by mini-batch EM; :func:`gmm_log_likelihood` and
+:func:`gmm_assign` score and assign points under a given mixture. Plain torch, no Pyro;
+everything runs on the points' device.
+
+How it scales. The E step of EM compares every point with every component, N x K work
+(11M x 2000 = 2.2e10 pairs per sweep), but in two dimensions almost all of those pairs
+are negligible. The plane is cut into cells that hold equal numbers of points; for each
+cell the components whose density anywhere in the cell is below ``exp(-log_tol) / K``
+times what the cell's best component guarantees everywhere in it are skipped. That bound
+is rigorous (the min and max of each component's quadratic form over the cell's box), so
+every point's density and responsibilities are exact to a relative
+``exp(-log_tol)`` (1e-10 when computing in float32, 1e-16 in float64), far below the
+rounding of the computation itself, while each point meets tens to a few hundred
+components instead of K. Points are swept in cell order in chunks whose candidate sets
+are the union over the chunk's cells.
+
+Numerics. Points are standardised (each coordinate centred and divided by its standard
+deviation; the sigma-coordinate is ~1e-3 in raw units), the point-by-component matrices
+are float32 by default, and sufficient statistics are centred at each component's
+current mean and summed in float64, so covariances of narrow components do not cancel
+against squared positions. 2x2 inverses and determinants are written out in closed form.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from pyro_gbnn.errors import UsageError
+
+__all__ = ["GMMResult", "fit_gmm_2d", "gmm_log_likelihood", "gmm_assign"]
+
+logger = logging.getLogger(__name__)
+
+_LOG_2PI = math.log(2.0 * math.pi)
+# A component whose expected count falls below this many points is dropped (weight 0).
+_DEAD_COUNT = 1e-6
+# Largest number of (point, component) pairs held at once on CPU: four float32 buffers of
+# this size (4 MiB each) stay in the L3 cache; on CUDA larger chunks amortise launches.
+_CPU_CHUNK_ELEMENTS = 2**18
+# exp(-60) ~ 1e-26: log-ratios below this are clamped so exp and the products after it
+# never produce subnormal floats (10x slower on x86); the added mass is far below rounding.
+_MIN_LOG_RATIO = -60.0
+_CUDA_CHUNK_ELEMENTS = 2**25
+# Cells of the pruning grid: at most _MAX_GRID x _MAX_GRID, about _POINTS_PER_CELL points each.
+_MAX_GRID = 64
+_POINTS_PER_CELL = 1024
+_INIT_SUBSAMPLE = 100_000
+_LLOYD_ITERATIONS = 5
+_STEPWISE_POWER = 0.6
+_MODES = ("epoch", "stepwise")
+_INITS = ("kmeans++", "random")
+
+
+@dataclass
+class GMMResult:
+    """A fitted 2D mixture, in the units of the input points.
+
+    Attributes:
+        weights: [K] mixing weights, sum 1; 0 marks a component that lost all its points
+            during the fit (kept so indices stay stable).
+        means: [K, 2] component means.
+        covs: [K, 2, 2] component covariances (symmetric positive definite).
+        mean_log_likelihood: mean over ALL points of log p(point) under the returned
+            mixture (nats, density in the units of the points).
+        history: per-epoch mean log-likelihoods. Epoch mode: ``history[i]`` is the exact
+            value after i M steps, so ``history[0]`` scores the initialisation and
+            ``history[-1] == mean_log_likelihood``; it never decreases. Stepwise mode:
+            ``history[i]`` averages, over epoch i's mini-batches, each mini-batch's
+            log-likelihood under the parameters before its update (a running estimate).
+        n_iter: epochs run (M steps in epoch mode, passes over the data in stepwise mode).
+        converged: whether the change of the last history entry fell below ``tol``.
+    """
+
+    weights: Tensor
+    means: Tensor
+    covs: Tensor
+    mean_log_likelihood: float
+    history: list[float] = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = False
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_points(points: Tensor) -> None:
+    if not isinstance(points, Tensor):
+        raise UsageError(f"points must be a torch.Tensor of shape [N, 2], got {type(points).__name__}")
+    if points.dim() != 2 or points.shape[1] != 2:
+        raise UsageError(f"points must have shape [N, 2] (one (mu, sigma) row per weight), got {tuple(points.shape)}")
+    if points.shape[0] == 0:
+        raise UsageError("points is empty (shape [0, 2]); need at least one point")
+    if not points.is_floating_point():
+        raise UsageError(f"points must be a floating-point tensor, got dtype {points.dtype}")
+    if not bool(torch.isfinite(points).all()):
+        bad = int((~torch.isfinite(points)).any(dim=1).sum())
+        raise UsageError(f"points must be finite, got {bad} row(s) with NaN or inf")
+
+
+def _check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_float_dtype(value: object, name: str) -> torch.dtype:
+    if value not in (torch.float32, torch.float64):
+        raise UsageError(f"{name} must be torch.float32 or torch.float64, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _check_mixture(weights: Tensor, means: Tensor, covs: Tensor) -> int:
+    for name, value in (("weights", weights), ("means", means), ("covs", covs)):
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            what = f"dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+            raise UsageError(f"{name} must be a floating-point tensor, got {what}")
+    if weights.dim() != 1 or weights.shape[0] == 0:
+        raise UsageError(f"weights must have shape [K] with K >= 1, got {tuple(weights.shape)}")
+    k = weights.shape[0]
+    if tuple(means.shape) != (k, 2):
+        raise UsageError(f"means must have shape [K, 2] = [{k}, 2], got {tuple(means.shape)}")
+    if tuple(covs.shape) != (k, 2, 2):
+        raise UsageError(f"covs must have shape [K, 2, 2] = [{k}, 2, 2], got {tuple(covs.shape)}")
+    w = weights.detach().double()
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise UsageError("weights must be finite and >= 0")
+    if abs(float(w.sum()) - 1.0) > 1e-4:
+        raise UsageError(f"weights must sum to 1, got sum {float(w.sum()):.6g}")
+    if not bool(torch.isfinite(means).all()) or not bool(torch.isfinite(covs).all()):
+        raise UsageError("means and covs must be finite")
+    c = covs.detach().double()
+    det = c[:, 0, 0] * c[:, 1, 1] - 0.25 * (c[:, 0, 1] + c[:, 1, 0]) ** 2
+    bad = (c[:, 0, 0] <= 0) | (det <= 0)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise UsageError(f"covs must be positive definite, component {first} is not: {c[first].tolist()}")
+    return k
+
+
+# ---------------------------------------------------------------------------------------
+# Standardised frame
+
+
+@dataclass
+class _Frame:
+    """Affine map to standardised coordinates: ``u = (x - center) / scale`` per coordinate.
+
+    A coordinate with zero spread gets ``scale = |center|`` (or 1 if that is 0 too), so
+    ``reg_covar`` still means "relative to the coordinate's size" for it.
+    """
+
+    center: Tensor  # [2] float64
+    scale: Tensor  # [2] float64
+
+    @classmethod
+    def of(cls, points: Tensor) -> _Frame:
+        x = points.detach().double()
+        center = x.mean(0)
+        scale = x.std(0, correction=0) if x.shape[0] > 1 else torch.zeros_like(center)
+        fallback = torch.where(center.abs() > 0, center.abs(), torch.ones_like(center))
+        scale = torch.where(scale > 0, scale, fallback)
+        return cls(center, scale)
+
+    @property
+    def log_jacobian(self) -> float:
+        """log |du/dx|: add it to a log-density in u to get one in x."""
+        return -float(self.scale.log().sum())
+
+    def points(self, points: Tensor, dtype: torch.dtype) -> Tensor:
+        """[2, N] standardised points, coordinate-major so each coordinate is contiguous."""
+        return torch.stack(
+            [((points[:, j].detach().double() - self.center[j]) / self.scale[j]).to(dtype) for j in range(2)]
+        )
+
+    def to_unit(self, means: Tensor, covs: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.scale
+        return (means.double() - self.center) / s, covs.double() / (s[:, None] * s[None, :])
+
+    def from_unit(self, means: Tensor, covs: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.scale.to(means.dtype)
+        return means * s + self.center.to(means.dtype), covs * (s[:, None] * s[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Component table: per-component constants of the log-density, closed-form 2x2 algebra
+
+
+class _Table(NamedTuple):
+    """What the E step needs of each component, in standardised coordinates, float64.
+
+    With precision [[a, b], [b, c]] (the closed-form inverse of the 2x2 covariance),
+    ``log w_k N(u | m_k) = (na dx + nb dy) dx + nc dy^2 + logc`` where d = u - m_k,
+    na = -a/2, nb = -b, nc = -c/2 and ``logc = log w - log 2pi - log det / 2``.
+    """
+
+    means: Tensor  # [K, 2]
+    na: Tensor  # [K]
+    nb: Tensor  # [K]
+    nc: Tensor  # [K]
+    logc: Tensor  # [K]; -inf for a dropped component
+
+
+def _table(weights: Tensor, means: Tensor, covs: Tensor) -> _Table:
+    weights, means, covs = weights.double(), means.double(), covs.double()
+    sxx, sxy, syy = covs[:, 0, 0], 0.5 * (covs[:, 0, 1] + covs[:, 1, 0]), covs[:, 1, 1]
+    det = sxx * syy - sxy * sxy
+    logc = weights.log() - _LOG_2PI - 0.5 * det.log()
+    return _Table(means, -0.5 * syy / det, sxy / det, -0.5 * sxx / det, logc)
+
+
+def _design(table: _Table, comp: Tensor, center: Tensor, dtype: torch.dtype) -> Tensor:
+    """[6, m] coefficients of the log-densities of components ``comp`` as a linear map of
+    the features [1, x, y, x^2, xy, y^2] of ``u - center``.
+
+    Expanding the quadratic about a centre inside the chunk (not about the origin) keeps
+    the terms that cancel no larger than (chunk extent / component width)^2.
+    """
+    m = table.means[comp] - center
+    na, nb, nc, logc = table.na[comp], table.nb[comp], table.nc[comp], table.logc[comp]
+    mx, my = m[:, 0], m[:, 1]
+    return torch.stack(
+        [
+            logc + (na * mx + nb * my) * mx + nc * my * my,
+            -2.0 * na * mx - nb * my,
+            -nb * mx - 2.0 * nc * my,
+            na,
+            nb,
+            nc,
+        ]
+    ).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Pruning grid
+
+
+@dataclass
+class _Grid:
+    """Cells of roughly equal point counts covering all points, in serpentine order.
+
+    Columns split x at quantiles; each column splits y at its own quantiles, so dense
+    regions get small cells. Cells are numbered column by column, alternating the
+    direction in y, so consecutive cell ids are neighbours and a run of points sorted by
+    cell id covers a compact region. Edges are stored in the points' dtype so that
+    assigning a point to a cell and bounding the cell's box use the same numbers.
+    """
+
+    x_inner: Tensor  # [G - 1] inner column edges
+    y_inner: Tensor  # [G, G - 1] inner row edges of each column
+    boxes: Tensor  # [G * G, 4] float64: x0, x1, y0, y1 of each cell (tight on the data)
+
+    @property
+    def size(self) -> int:
+        return self.y_inner.shape[0]
+
+    @classmethod
+    def build(cls, u: Tensor, size: int, generator: torch.Generator) -> _Grid:
+        """Grid for standardised points ``u`` ([2, N]) with ``size`` x ``size`` cells."""
+        device, dtype = u.device, u.dtype
+        sub = u[:, _subsample_index(u.shape[1], _INIT_SUBSAMPLE, generator, device)].double()
+        q = torch.linspace(0.0, 1.0, size + 1, dtype=torch.float64, device=device)[1:-1]
+        x_inner = torch.quantile(sub[0], q).to(dtype)
+        col_sub = torch.bucketize(sub[0].to(dtype), x_inner, right=True)
+        y_inner = torch.quantile(sub[1], q).to(dtype).repeat(size, 1)
+        for i in range(size):
+            column = sub[1][col_sub == i]
+            if column.numel() > 0:
+                y_inner[i] = torch.quantile(column, q).to(dtype)
+        # Tight boxes: each column's actual extent in x and y over all points.
+        col = torch.bucketize(u[0], x_inner, right=True)
+        inf = torch.full((size,), math.inf, dtype=dtype, device=device)
+        lo = [inf.scatter_reduce(0, col, u[j], "amin") for j in range(2)]
+        hi = [(-inf).scatter_reduce(0, col, u[j], "amax") for j in range(2)]
+        empty = ~torch.isfinite(lo[0])
+        lo = [torch.where(empty, 0.0, v).double() for v in lo]
+        hi = [torch.where(empty, 0.0, v).double() for v in hi]
+        far = torch.full((size, 1), math.inf, dtype=torch.float64, device=device)
+        y_edges = torch.cat([-far, y_inner.double(), far], dim=1)
+        y_edges = torch.minimum(torch.maximum(y_edges, lo[1][:, None]), hi[1][:, None])
+        cols = torch.arange(size, device=device).repeat_interleave(size)
+        rows = torch.arange(size, device=device).repeat(size)
+        rows = torch.where(cols % 2 == 0, rows, size - 1 - rows)  # serpentine
+        boxes = torch.stack([lo[0][cols], hi[0][cols], y_edges[cols, rows], y_edges[cols, rows + 1]], dim=1)
+        return cls(x_inner, y_inner, boxes)
+
+    def sort(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Order [n] that sorts points ``u`` ([2, n]) by cell, and the sorted cell ids [n].
+
+        Sorts by column (a radix sort of small integers), finds rows column by column,
+        then sorts by cell; no per-point search over all cells.
+        """
+        g = self.size
+        col = torch.bucketize(u[0], self.x_inner, right=True)
+        by_col = torch.argsort(col.to(torch.int32), stable=True)
+        col = col[by_col]
+        y = u[1][by_col]
+        row = torch.zeros_like(col)
+        bounds = [0, *torch.bincount(col, minlength=g).cumsum(0).tolist()]
+        for i in range(g):
+            if bounds[i + 1] > bounds[i]:
+                row[bounds[i] : bounds[i + 1]] = torch.bucketize(y[bounds[i] : bounds[i + 1]], self.y_inner[i], right=True)
+        cell = col * g + torch.where(col % 2 == 0, row, g - 1 - row)
+        by_cell = torch.argsort(cell.to(torch.int32), stable=True)
+        return by_col[by_cell], cell[by_cell]
+
+
+def _grid_size(n: int) -> int:
+    return max(1, min(_MAX_GRID, int(math.sqrt(n / _POINTS_PER_CELL))))
+
+
+def _candidates(grid: _Grid, table: _Table, log_tol: float) -> Tensor:
+    """[C, K] bool: which components can matter anywhere in each cell.
+
+    For cell box B and component k with log-density ``l_k - q_k(u) / 2`` (q the
+    Mahalanobis quadratic), ``max_B`` is ``l_k - min_B q_k / 2`` (0 if the mean is inside
+    the box, else the best point on one of the four edges, a clamped 1D minimum) and
+    ``min_B`` is attained at a corner. Component k is kept if its max reaches within
+    ``log_tol + log K`` of the largest min over components: the dropped ones together
+    then weigh less than ``exp(-log_tol)`` of every point's density in the cell.
+    Evaluated in float32 with a margin of 1 nat for its rounding.
+    """
+    f = torch.float32
+    mx, my = table.means[:, 0].to(f), table.means[:, 1].to(f)
+    a, b, c = (-2.0 * table.na).to(f), (-table.nb).to(f), (-2.0 * table.nc).to(f)
+    b2, y_slope, x_slope, logc = 2.0 * b, -b / c, -b / a, table.logc.to(f)
+    k = mx.shape[0]
+    gap = log_tol + math.log(k) + 1.0
+    boxes = grid.boxes.to(f)
+    out = torch.empty(boxes.shape[0], k, dtype=torch.bool, device=mx.device)
+    block = max(1, 2**22 // k)
+
+    def quad(dx: Tensor, dy: Tensor) -> Tensor:
+        return (a * dx + b2 * dy).mul_(dx).addcmul_(c * dy, dy)
+
+    for start in range(0, boxes.shape[0], block):
+        box = boxes[start : start + block]
+        x0, x1 = box[:, 0:1] - mx, box[:, 1:2] - mx
+        y0, y1 = box[:, 2:3] - my, box[:, 3:4] - my
+        q_min = torch.minimum(
+            torch.minimum(quad(x0, torch.clamp(y_slope * x0, y0, y1)), quad(x1, torch.clamp(y_slope * x1, y0, y1))),
+            torch.minimum(quad(torch.clamp(x_slope * y0, x0, x1), y0), quad(torch.clamp(x_slope * y1, x0, x1), y1)),
+        )
+        inside = (x0 <= 0) & (x1 >= 0) & (y0 <= 0) & (y1 >= 0)
+        q_min.masked_fill_(inside, 0.0)
+        q_max = torch.maximum(torch.maximum(quad(x0, y0), quad(x0, y1)), torch.maximum(quad(x1, y0), quad(x1, y1)))
+        floor = (logc - 0.5 * q_max).amax(dim=1, keepdim=True)
+        out[start : start + block] = logc - 0.5 * q_min >= floor - gap
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The sweep: E step over points sorted by cell
+
+
+class _Sweep(NamedTuple):
+    log_likelihood: float  # sum over points of log p(u), standardised units
+    stats: Tensor | None  # [K, 6]: sum r, sum r dx, sum r dy, sum r dx^2, sum r dx dy, sum r dy^2 (d = u - mean)
+    assignments: Tensor | None  # [n] long
+    log_resp_max: Tensor | None  # [n]
+
+
+def _sweep(
+    u: Tensor,
+    cells: Tensor,
+    grid: _Grid,
+    table: _Table,
+    *,
+    want: str,
+    max_points: int,
+    acc_dtype: torch.dtype,
+) -> _Sweep:
+    """One E step over standardised points ``u`` ([2, n], sorted by ``cells`` ascending).
+
+    ``want`` is "stats" (log-likelihood and sufficient statistics centred at the
+    components' means), "ll" (log-likelihood only) or "assign" (also MAP components).
+    Per chunk of at most ``max_points`` points: the candidate components are the union
+    over the chunk's cells; log-densities are one [b, 6] x [6, m] product of the points'
+    quadratic features with the components' coefficients; the statistics are one
+    [6, b] x [b, m] product of the same features, scaled by 1/p(u), with exp(log-density
+    - row max). Chunks also respect a cap on b * m so that the [b, m] buffer stays in cache.
+    """
+    dtype, device = u.dtype, u.device
+    n, k = u.shape[1], table.logc.shape[0]
+    mask = _candidates(grid, table, _log_tol(dtype))
+    budget = _CUDA_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
+    cap = max(1, min(n, max_points, budget))
+    work = torch.empty(max(budget, k), dtype=dtype, device=device)
+    features = torch.empty(6, cap, dtype=dtype, device=device)
+    stats = torch.zeros(k, 6, dtype=acc_dtype, device=device) if want == "stats" else None
+    assignments = torch.empty(n, dtype=torch.long, device=device) if want == "assign" else None
+    log_resp_max = torch.empty(n, dtype=dtype, device=device) if want == "assign" else None
+    ll = torch.zeros((), dtype=torch.float64, device=device)
+    cells_host = cells.cpu()
+
+    def union(lo: int, hi: int) -> Tensor:
+        return mask[int(cells_host[lo]) : int(cells_host[hi - 1]) + 1].any(dim=0).nonzero().squeeze(1)
+
+    start = 0
+    while start < n:
+        stop = min(n, start + cap)
+        comp = union(start, stop)
+        if (stop - start) * comp.numel() > budget:
+            stop = start + max(1, budget // comp.numel())
+            comp = union(start, stop)
+        b, m = stop - start, comp.numel()
+        chunk = u[:, start:stop]
+        center = chunk.mean(dim=1)  # in dtype, so the features are centred exactly at it
+        phi = features[:, :b]
+        phi[0].fill_(1.0)
+        torch.sub(chunk, center[:, None], out=phi[1:3])
+        torch.mul(phi[1], phi[1], out=phi[3])
+        torch.mul(phi[1], phi[2], out=phi[4])
+        torch.mul(phi[2], phi[2], out=phi[5])
+        lp = work[: b * m].view(b, m)
+        torch.mm(phi.t(), _design(table, comp, center.double(), dtype), out=lp)  # log w_k N(u | k)
+        if want == "assign":
+            top, arg = lp.max(dim=1, keepdim=True)
+        else:
+            top = lp.amax(dim=1, keepdim=True)
+        lp.sub_(top).clamp_(min=_MIN_LOG_RATIO).exp_()
+        total = lp.sum(dim=1)
+        log_total = total.log()
+        ll += (top.squeeze(1) + log_total).sum(dtype=torch.float64)
+        if want == "assign":
+            assignments[start:stop] = comp[arg.squeeze(1)]
+            log_resp_max[start:stop] = -log_total
+        elif want == "stats":
+            raw = torch.mm(phi / total, lp).t().to(acc_dtype)  # [m, 6] sums about the chunk centre
+            stats.index_add_(0, comp, _recentre(raw, table.means[comp] - center.double()))
+        start = stop
+    return _Sweep(float(ll), stats, assignments, log_resp_max)
+
+
+def _recentre(raw: Tensor, shift: Tensor) -> Tensor:
+    """Moments [m, 6] about a point turned into moments about that point + ``shift`` [m, 2]."""
+    s0, sx, sy, sxx, sxy, syy = raw.unbind(1)
+    hx, hy = shift[:, 0].to(raw.dtype), shift[:, 1].to(raw.dtype)
+    return torch.stack(
+        [
+            s0,
+            sx - hx * s0,
+            sy - hy * s0,
+            sxx - 2.0 * hx * sx + hx * hx * s0,
+            sxy - hx * sy - hy * sx + hx * hy * s0,
+            syy - 2.0 * hy * sy + hy * hy * s0,
+        ],
+        dim=1,
+    )
+
+
+def _log_tol(dtype: torch.dtype) -> float:
+    return 23.0 if dtype == torch.float32 else 37.0
+
+
+class _Data:
+    """Standardised points, and a copy sorted by the cells of a fine grid for full sweeps."""
+
+    def __init__(self, points: Tensor, compute_dtype: torch.dtype, generator: torch.Generator) -> None:
+        self.frame = _Frame.of(points)
+        self.u = self.frame.points(points, compute_dtype)  # [2, N]
+        self.grid = _Grid.build(self.u, _grid_size(self.u.shape[1]), generator)
+        self.order, self.cells = self.grid.sort(self.u)
+        self.u_sorted = self.u.index_select(1, self.order)
+
+    def sweep(self, table: _Table, want: str, max_points: int, acc_dtype: torch.dtype) -> _Sweep:
+        return _sweep(self.u_sorted, self.cells, self.grid, table, want=want, max_points=max_points, acc_dtype=acc_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# M steps
+
+
+def _covs(sxx: Tensor, sxy: Tensor, syy: Tensor) -> Tensor:
+    return torch.stack([torch.stack([sxx, sxy], -1), torch.stack([sxy, syy], -1)], -2)
+
+
+def _m_step(stats: Tensor, means: Tensor, covs: Tensor, reg: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Weights, means and covariances from statistics [K, 6] centred at the current ``means``.
+
+    A component with (almost) no responsibility is dropped: weight 0, mean and covariance
+    kept, so it stays finite and invertible and is never a candidate again. A covariance
+    that rounding made non-positive-definite (only possible with ``reg_covar == 0``)
+    keeps its previous value.
+    """
+    stats = stats.double()
+    n = stats[:, 0]
+    alive = n > _DEAD_COUNT
+    safe_n = torch.where(alive, n, torch.ones_like(n))
+    d = stats[:, 1:3] / safe_n[:, None]
+    new_means = means + d
+    sxx = stats[:, 3] / safe_n - d[:, 0] ** 2 + reg
+    sxy = stats[:, 4] / safe_n - d[:, 0] * d[:, 1]
+    syy = stats[:, 5] / safe_n - d[:, 1] ** 2 + reg
+    ok = alive & (sxx > 0) & (syy > 0) & (sxx * syy - sxy * sxy > 0)
+    new_covs = torch.where(ok[:, None, None], _covs(sxx, sxy, syy), covs)
+    new_means = torch.where(alive[:, None], new_means, means)
+    counts = torch.where(alive, n, torch.zeros_like(n))
+    return counts / counts.sum(), new_means, new_covs
+
+
+@dataclass
+class _Running:
+    """Stepwise-EM statistics as pooled moments: count (in points), mean, scatter/count.
+
+    Stored as moments rather than raw sums so that blending batches taken about different
+    reference means stays free of cancellation (Chan et al.'s pairwise update).
+    """
+
+    count: Tensor  # [K]
+    mean: Tensor  # [K, 2]
+    cov: Tensor  # [K, 2, 2], without reg_covar
+
+    def blend(self, stats: Tensor, ref: Tensor, eta: float, scale: float) -> None:
+        """``s <- (1 - eta) s + eta * scale * s_batch`` on the underlying sums."""
+        stats = stats.double()
+        n_b = stats[:, 0]
+        has = n_b > 0
+        safe = torch.where(has, n_b, torch.ones_like(n_b))
+        d = stats[:, 1:3] / safe[:, None]
+        mean_b = ref + d
+        cov_b = _covs(
+            stats[:, 3] / safe - d[:, 0] ** 2, stats[:, 4] / safe - d[:, 0] * d[:, 1], stats[:, 5] / safe - d[:, 1] ** 2
+        )
+        w1 = (1.0 - eta) * self.count
+        w2 = torch.where(has, eta * scale * n_b, torch.zeros_like(n_b))
+        total = w1 + w2
+        safe_total = torch.where(total > 0, total, torch.ones_like(total))
+        f1, f2 = (w1 / safe_total)[:, None], (w2 / safe_total)[:, None]
+        mean = f1 * self.mean + f2 * torch.where(has[:, None], mean_b, self.mean)
+        e1, e2 = self.mean - mean, torch.where(has[:, None], mean_b, self.mean) - mean
+        cov = f1[..., None] * (self.cov + e1[:, :, None] * e1[:, None, :]) + f2[..., None] * (
+            torch.where(has[:, None, None], cov_b, self.cov) + e2[:, :, None] * e2[:, None, :]
+        )
+        self.count, self.mean, self.cov = total, mean, cov
+
+    def params(self, covs: Tensor, reg: float) -> tuple[Tensor, Tensor, Tensor]:
+        alive = self.count > _DEAD_COUNT
+        eye = torch.eye(2, dtype=self.cov.dtype, device=self.cov.device)
+        new_covs = self.cov + reg * eye
+        det = new_covs[:, 0, 0] * new_covs[:, 1, 1] - new_covs[:, 0, 1] * new_covs[:, 1, 0]
+        ok = alive & (new_covs[:, 0, 0] > 0) & (det > 0)
+        counts = torch.where(alive, self.count, torch.zeros_like(self.count))
+        return counts / counts.sum(), self.mean, torch.where(ok[:, None, None], new_covs, covs)
+
+
+# ---------------------------------------------------------------------------------------
+# Initialisation
+
+
+def _subsample_index(n: int, size: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    if n <= size:
+        return torch.arange(n, device=device)
+    return torch.randperm(n, generator=generator)[:size].to(device)
+
+
+def _nearest(x: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
+    """Index [S] of each point's nearest center and the squared distance [S].
+
+    ``|c|^2 - 2 x.c`` as one float32 product per block (a k-means initialisation need not
+    be exact); points [S, 2] and centers [K, 2] are standardised, float64.
+    """
+    f = torch.float32
+    xf, cf = x.to(f), centers.to(f)
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    dist = torch.empty(x.shape[0], dtype=f, device=x.device)
+    c2 = (cf * cf).sum(1)
+    step = max(1, 2**22 // centers.shape[0])
+    for start in range(0, x.shape[0], step):
+        xs = xf[start : start + step]
+        best, arg = torch.addmm(c2, xs, cf.t(), alpha=-2.0).min(dim=1)
+        labels[start : start + step] = arg
+        dist[start : start + step] = (best + (xs * xs).sum(1)).clamp_(min=0.0)
+    return labels, dist
+
+
+def _kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): [k, 2] centers drawn from x [S, 2].
+
+    K sequential draws, each O(S); buffers are reused so a draw is a handful of passes.
+    """
+    s = x.shape[0]
+    x0, x1 = x[:, 0].contiguous(), x[:, 1].contiguous()
+    draws = torch.rand(k, generator=generator, dtype=torch.float64).to(x.device)
+    first = torch.randint(s, (1,), generator=generator).to(x.device)
+    chosen = torch.empty(k, dtype=torch.long, device=x.device)
+    chosen[0] = first[0]
+    d2 = (x0 - x0[first]) ** 2 + (x1 - x1[first]) ** 2
+    cum, t0, t1 = torch.empty_like(d2), torch.empty_like(d2), torch.empty_like(d2)
+    for i in range(1, k):
+        torch.cumsum(d2, 0, out=cum)
+        j = torch.searchsorted(cum, (draws[i] * cum[-1]).reshape(1)).clamp_(max=s - 1)
+        chosen[i] = j[0]
+        torch.sub(x0, x0[j], out=t0).mul_(t0)
+        torch.sub(x1, x1[j], out=t1)
+        torch.minimum(d2, t0.addcmul_(t1, t1), out=d2)
+    return x[chosen]
+
+
+def _initialise(
+    u: Tensor, k: int, init: str, reg: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Weights, means, covariances (float64, standardised) from k-means on a subsample.
+
+    Seeds by k-means++ (or ``k`` random points), runs Lloyd iterations on at most
+    100k points, relocating empty clusters to the points farthest from their centers,
+    then takes each cluster's share, mean and covariance. Covariances are shrunk towards
+    the pooled within-cluster covariance with one pseudo-point, so a cluster of one or
+    two points does not start as a spike.
+    """
+    x = u[:, _subsample_index(u.shape[1], _INIT_SUBSAMPLE, generator, u.device)].t().double()
+    s = x.shape[0]
+    if init == "kmeans++":
+        centers = _kmeans_plus_plus(x, k, generator)
+    else:
+        centers = x[torch.randperm(s, generator=generator)[:k].to(x.device)]
+    labels = None
+    for _ in range(_LLOYD_ITERATIONS):
+        new_labels, dist = _nearest(x, centers)
+        counts = torch.bincount(new_labels, minlength=k)
+        empty = (counts == 0).nonzero().squeeze(1)
+        if empty.numel() > 0:
+            far = dist.topk(empty.numel()).indices
+            new_labels[far] = empty
+            counts = torch.bincount(new_labels, minlength=k)
+        if labels is not None and torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+        centers = torch.zeros_like(centers).index_add_(0, labels, x) / counts.clamp(min=1)[:, None].to(x.dtype)
+    counts = torch.bincount(labels, minlength=k).to(x.dtype)
+    means = torch.zeros(k, 2, dtype=x.dtype, device=x.device).index_add_(0, labels, x) / counts.clamp(min=1)[:, None]
+    d = x - means[labels]
+    outer = torch.stack([d[:, 0] * d[:, 0], d[:, 0] * d[:, 1], d[:, 1] * d[:, 1]], 1)
+    scatter = torch.zeros(k, 3, dtype=x.dtype, device=x.device).index_add_(0, labels, outer)
+    pooled = scatter.sum(0) / s
+    shrunk = (scatter + pooled) / (counts + 1.0)[:, None]
+    covs = _covs(shrunk[:, 0] + reg, shrunk[:, 1], shrunk[:, 2] + reg)
+    weights = counts.clamp(min=0.5)
+    return weights / weights.sum(), means, covs
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+
+
+def fit_gmm_2d(
+    points: Tensor,
+    num_components: int,
+    *,
+    batch_size: int = 65536,
+    max_epochs: int = 100,
+    tol: float = 1e-3,
+    seed: int = 0,
+    init: str = "kmeans++",
+    reg_covar: float = 1e-6,
+    mode: str = "epoch",
+    dtype: torch.dtype = torch.float64,
+    compute_dtype: torch.dtype = torch.float32,
+    log_every: int | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> GMMResult:
+    """Fit a K-component full-covariance Gaussian mixture to 2D points by mini-batch EM.
+
+    This is Eq. 3 of the paper, maximising sum_i log sum_k w_k N(x_i | m_k, S_k) over
+    the (mu, sigma) points of the inlier weights. Points go through in mini-batches so
+    that millions of points and thousands of components fit in memory:
+
+    - ``mode="epoch"`` (default): each epoch sweeps all points once, summing the
+      sufficient statistics of every mini-batch, then takes one M step. That is exact EM,
+      so the log-likelihood never decreases (up to the compute dtype's rounding).
+    - ``mode="stepwise"``: stepwise (online) EM (Cappe & Moulines 2009): after each random
+      mini-batch, ``s <- (1 - eta) s + eta s_batch`` with ``eta_t = (t + 2)^-0.6`` over
+      mini-batches t, then an M step. More progress per sweep early on, on huge N; the
+      history is a running estimate and need not increase.
+
+    Initialisation is k-means++ (or ``init="random"`` points) plus Lloyd iterations on a
+    seeded subsample of at most 100k points; covariances come from the k-means clusters.
+    A component whose expected count drops below 1e-6 points is dropped (weight 0, its
+    last mean and covariance kept), which keeps EM monotone and the K indices stable;
+    downstream, the paper's cluster-size reduction removes small clusters anyway.
+    Regularisation: ``reg_covar`` times the variance of each coordinate is added to each
+    covariance's diagonal, so the sigma-coordinate (values ~1e-3, variances ~1e-7) gets
+    a floor relative to its own spread rather than one that swamps it.
+
+    Args:
+        points: [N, 2] points (mu, sigma), float32 or float64, any device; N >= K.
+        num_components: K >= 1.
+        batch_size: mini-batch size; capped at ``2**26 // K`` so that a batch's
+            point-by-component work stays under 64M elements. Sweeps are further cut into
+            cache-sized chunks.
+        max_epochs: epochs at most (>= 0; 0 returns the initialisation).
+        tol: stop when the mean log-likelihood changes by less than this (nats per
+            point, unit-free) between epochs.
+        seed: seeds the subsample, the k-means++ draws and the stepwise batch order.
+        init: "kmeans++" or "random".
+        reg_covar: >= 0, relative diagonal regulariser (see above).
+        mode: "epoch" or "stepwise".
+        dtype: float dtype of the accumulated statistics and of the returned parameters.
+        compute_dtype: float dtype of the per-(point, component) arrays; float32 is about
+            twice as fast, float64 makes the monotonicity hold to ~1e-12.
+        log_every: log the log-likelihood at INFO level every this many epochs.
+        callback: called as ``callback(epoch, mean_log_likelihood)`` after each epoch.
+
+    Returns:
+        A :class:`GMMResult` in the units of ``points``, on their device.
+    """
+    _check_points(points)
+    n = points.shape[0]
+    k = _check_positive_int(num_components, "num_components")
+    if k > n:
+        raise UsageError(f"num_components must be <= the number of points N={n}, got {k}")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    max_epochs = _check_positive_int(max_epochs, "max_epochs", minimum=0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(tol, (int, float)) or not tol >= 0:
+        raise UsageError(f"tol must be a number >= 0, got {tol!r}")
+    if not isinstance(reg_covar, (int, float)) or not (reg_covar >= 0 and math.isfinite(reg_covar)):
+        raise UsageError(f"reg_covar must be a finite number >= 0, got {reg_covar!r}")
+    if init not in _INITS:
+        raise UsageError(f"init must be one of {list(_INITS)}, got {init!r}")
+    if mode not in _MODES:
+        raise UsageError(f"mode must be one of {list(_MODES)}, got {mode!r}")
+    dtype = _check_float_dtype(dtype, "dtype")
+    compute_dtype = _check_float_dtype(compute_dtype, "compute_dtype")
+    if log_every is not None:
+        log_every = _check_positive_int(log_every, "log_every")
+    batch_size = max(1, min(batch_size, 2**26 // k))
+    reg = float(reg_covar)
+
+    generator = torch.Generator().manual_seed(seed)
+    data = _Data(points, compute_dtype, generator)
+    log_jac = data.frame.log_jacobian
+    weights, means, covs = _initialise(data.u, k, init, reg, generator)
+
+    history: list[float] = []
+    converged = False
+
+    def record(epoch: int, value: float) -> None:
+        history.append(value)
+        if log_every is not None and epoch % log_every == 0:
+            logger.info("gmm epoch %d: mean log-likelihood %.6f", epoch, value)
+        if callback is not None:
+            callback(epoch, value)
+
+    if mode == "epoch":
+        for epoch in range(max_epochs + 1):
+            table = _table(weights, means, covs)
+            want = "stats" if epoch < max_epochs else "ll"
+            sweep = data.sweep(table, want, batch_size, dtype)
+            record(epoch, sweep.log_likelihood / n + log_jac)
+            if epoch > 0 and abs(history[-1] - history[-2]) < tol:
+                converged = True
+                break
+            if epoch == max_epochs:
+                break
+            weights, means, covs = _m_step(sweep.stats, means, covs, reg)
+        final = history[-1]
+        n_iter = len(history) - 1
+    else:
+        running = _Running(weights * n, means.clone(), covs.clone())
+        grid = _Grid.build(data.u, _grid_size(min(n, batch_size)), generator)
+        step = 0
+        n_iter = 0
+        for epoch in range(max_epochs):
+            total = 0.0
+            for batch in torch.randperm(n, generator=generator).to(points.device).split(batch_size):
+                u_batch = data.u.index_select(1, batch)
+                order, cells = grid.sort(u_batch)
+                sweep = _sweep(
+                    u_batch.index_select(1, order), cells, grid, _table(weights, means, covs),
+                    want="stats", max_points=batch_size, acc_dtype=dtype,
+                )
+                total += sweep.log_likelihood
+                running.blend(sweep.stats, means, (step + 2.0) ** -_STEPWISE_POWER, n / batch.shape[0])
+                weights, means, covs = running.params(covs, reg)
+                step += 1
+            n_iter = epoch + 1
+            record(epoch, total / n + log_jac)
+            if epoch > 0 and abs(history[-1] - history[-2]) < tol:
+                converged = True
+                break
+        final = data.sweep(_table(weights, means, covs), "ll", batch_size, dtype).log_likelihood / n + log_jac
+
+    out_means, out_covs = data.frame.from_unit(means.to(dtype), covs.to(dtype))
+    return GMMResult(
+        weights=weights.to(dtype),
+        means=out_means,
+        covs=out_covs,
+        mean_log_likelihood=float(final),
+        history=history,
+        n_iter=n_iter,
+        converged=converged,
+    )
+
+
+def _prepare(
+    points: Tensor, weights: Tensor, means: Tensor, covs: Tensor, compute_dtype: torch.dtype
+) -> tuple[_Data, _Table]:
+    _check_points(points)
+    _check_mixture(weights, means, covs)
+    compute_dtype = _check_float_dtype(compute_dtype, "compute_dtype")
+    data = _Data(points, compute_dtype, torch.Generator().manual_seed(0))
+    dev = data.u.device
+    m_u, c_u = data.frame.to_unit(means.detach().to(dev), covs.detach().to(dev))
+    return data, _table(weights.detach().to(dev), m_u, c_u)
+
+
+def gmm_log_likelihood(
+    points: Tensor,
+    weights: Tensor,
+    means: Tensor,
+    covs: Tensor,
+    batch_size: int = 65536,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> float:
+    """Mean over points of log sum_k w_k N(x | m_k, S_k), in nats.
+
+    Args:
+        points: [N, 2]. weights: [K], >= 0, sum 1. means: [K, 2]. covs: [K, 2, 2],
+            positive definite. batch_size: points per chunk (memory, not the result).
+        compute_dtype: dtype of the per-(point, component) arrays; float32 is exact to
+            ~1e-6 relative, float64 to ~1e-12.
+    """
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    data, table = _prepare(points, weights, means, covs, compute_dtype)
+    sweep = data.sweep(table, "ll", max(1, min(batch_size, 2**26 // weights.shape[0])), torch.float64)
+    return sweep.log_likelihood / points.shape[0] + data.frame.log_jacobian
+
+
+def gmm_assign(
+    points: Tensor,
+    weights: Tensor,
+    means: Tensor,
+    covs: Tensor,
+    batch_size: int = 65536,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """Most responsible (MAP) component of each point, for the weight-to-cluster index.
+
+    Args: as :func:`gmm_log_likelihood`.
+
+    Returns:
+        assignments: [N] long, argmax_k of w_k N(x | m_k, S_k).
+        log_resp_max: [N] log-responsibility of that component (<= 0; near 0 when the
+            point clearly belongs to one component), in ``compute_dtype``.
+    """
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    data, table = _prepare(points, weights, means, covs, compute_dtype)
+    sweep = data.sweep(table, "assign", max(1, min(batch_size, 2**26 // weights.shape[0])), torch.float64)
+    assignments = torch.empty_like(sweep.assignments)
+    log_resp_max = torch.empty_like(sweep.log_resp_max)
+    assignments[data.order] = sweep.assignments
+    log_resp_max[data.order] = sweep.log_resp_max
+    return assignments, log_resp_max

@@ -1,0 +1,157 @@
+"""The 2DGBNN guide and stage 2 as a whole: tying, gradients, the KL bound, saving plans."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from torch import nn
+
+from pyro_gbnn import AnalyticKL_ELBO, BayesianNetwork, Categorical, IIDNormalPrior, LayerwiseNormalPrior, MeanFieldGuide
+from pyro_gbnn.checkpoint import load_checkpoint, save_checkpoint
+from pyro_gbnn.guides.shared_mixture import SharedMixtureGuide
+from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
+from pyro_gbnn.sharing.plan import SharingPlan, index_dtype
+
+
+def small_bnn(prior=None, estimator="weight"):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    return BayesianNetwork(net, prior or IIDNormalPrior(0.0, 0.3), Categorical(100), estimator=estimator)
+
+
+def trained_like_moments(bnn):
+    """(loc, scale) clouds shaped like a trained BNN's: a few clusters of scales, spread-out means."""
+    guide = MeanFieldGuide(bnn, init_scale=0.05)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in guide.site_shapes:
+            key = name.replace(".", "/")
+            shape = guide.loc[key].shape
+            guide.loc[key].copy_(0.1 * torch.randn(shape, generator=gen))
+            level = torch.tensor([0.01, 0.03, 0.06])[torch.randint(0, 3, shape, generator=gen)]
+            scale = level * (1 + 0.1 * torch.randn(shape, generator=gen)).abs()
+            guide.rho[key].copy_(scale + torch.log(-torch.expm1(-scale)))
+    return guide
+
+
+def make_plan(bnn, **settings):
+    guide = trained_like_moments(bnn)
+    grads = {n: torch.rand(s, generator=torch.Generator().manual_seed(2)) for n, s in bnn.site_shapes.items()}
+    defaults = dict(num_components=12, min_cluster_size=5, gmm_max_epochs=30, merge_tau_d=1e-3)
+    return build_sharing_plan(guide.posterior_moments(), grads, SharingSettings(**(defaults | settings)))
+
+
+def test_plan_gives_every_weight_one_role_and_counts_add_up():
+    bnn = small_bnn()
+    plan = make_plan(bnn)
+    plan.check()
+    n = sum(s.numel() for s in bnn.site_shapes.values())
+    assert plan.num_weights == n
+    assert plan.outlier_index.numel() + plan.inlier_index.numel() + plan.ellipse_index.numel() == n
+    assert plan.outlier_index.numel() >= math.ceil(0.01 * n)
+    assert torch.allclose(plan.counts.sum(), torch.tensor(float(n - plan.outlier_index.numel())), rtol=1e-5)
+    assert plan.inlier_component.dtype == index_dtype(plan.num_components) == torch.uint8
+    assert torch.allclose(plan.ellipse_alphas.sum(-1), torch.ones(plan.ellipse_index.numel()), atol=1e-5)
+
+
+def test_ablation_switches():
+    bnn = small_bnn()
+    no_out = make_plan(bnn, tau_w=None, top_grad_fraction=None, min_cluster_size=1)
+    assert no_out.outlier_index.numel() == 0
+    no_blend = make_plan(bnn, blend=False)
+    assert no_blend.ellipse_index.numel() == 0
+    unmerged = make_plan(bnn, merge=False)
+    assert unmerged.num_components >= make_plan(bnn, merge_tau_d=10.0).num_components
+
+
+def test_saved_plan_reloads_bit_exactly(tmp_path):
+    plan = make_plan(small_bnn())
+    save_checkpoint(tmp_path / "plan.pt", {"plan": plan.to_state()})
+    loaded = SharingPlan.from_state(load_checkpoint(tmp_path / "plan.pt")["plan"])
+    for field, value in plan.to_state().items():
+        other = getattr(loaded, field)
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == other.dtype and torch.equal(value, other), field
+        else:
+            assert value == other, field
+
+
+def test_tied_guide_shares_one_draw_per_component_and_redraws_across_samples():
+    bnn = small_bnn()
+    plan = make_plan(bnn)
+    guide = SharedMixtureGuide(bnn, plan, semantics="tied")
+    flat = torch.cat([w.reshape(2, -1) for w in guide.sample_weights(2).values()], -1)
+    comps = plan.inlier_component.long()
+    for k in comps.unique()[:5]:
+        members = flat[:, plan.inlier_index[comps == k]]
+        assert torch.all(members[0] == members[0, 0]), "one value per component within a sample"
+        if members.shape[1]:
+            assert members[0, 0] != members[1, 0], "a new value in the next sample"
+    outliers = flat[:, plan.outlier_index]
+    assert outliers.unique().numel() > 0.9 * outliers.numel()
+
+
+def test_independent_guide_draws_each_weight_separately_with_component_moments():
+    bnn = small_bnn()
+    plan = make_plan(bnn)
+    guide = SharedMixtureGuide(bnn, plan, semantics="independent")
+    draws = torch.cat([w.reshape(4000, -1) for w in guide.sample_weights(4000).values()], -1)
+    k = plan.inlier_component.long()[0]
+    members = plan.inlier_index[plan.inlier_component.long() == k]
+    values = draws[:, members]
+    assert values[0].unique().numel() == members.numel()
+    expected_std = guide.component_scale()[k].item()
+    assert abs(values.std().item() - expected_std) < 0.05 * expected_std + 3 * expected_std / math.sqrt(values.numel())
+
+
+@pytest.mark.parametrize("semantics", ["tied", "independent"])
+@pytest.mark.parametrize("prior", ["weight", "anchor"])
+def test_gradients_reach_the_component_parameters(semantics, prior):
+    bnn = small_bnn(estimator="local")
+    guide = SharedMixtureGuide(bnn, make_plan(bnn), semantics=semantics, prior=prior)
+    x, y = torch.randn(6, 1, 6, 6), torch.randint(0, 10, (6,))
+    terms = AnalyticKL_ELBO(bnn, guide).terms(x, y)
+    (-terms.expected_log_likelihood).backward()
+    assert guide.centre_mu.grad.abs().sum() > 0
+    assert guide.outlier_loc.grad.abs().sum() > 0
+    scale_param = guide.chol_log_diag if semantics == "tied" else guide.centre_rho
+    assert scale_param.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("prior", [IIDNormalPrior(0.0, 0.3), LayerwiseNormalPrior("radford")])
+def test_independent_kl_bound_is_above_a_monte_carlo_estimate_of_the_true_kl(prior):
+    bnn = small_bnn(prior)
+    plan = make_plan(bnn)
+    assert plan.ellipse_index.numel() > 0, "the bound matters for blended weights"
+    guide = SharedMixtureGuide(bnn, plan, semantics="independent")
+    bound = guide.kl_divergence().item()
+    loc, scale = guide.weight_moments()
+    prior_loc = torch.cat([bnn.prior_distribution(n).base_dist.loc.expand(s).reshape(-1) for n, s in bnn.site_shapes.items()])
+    prior_scale = torch.cat([bnn.prior_distribution(n).base_dist.scale.expand(s).reshape(-1) for n, s in bnn.site_shapes.items()])
+    q, p = torch.distributions.Normal(loc.detach(), scale.detach()), torch.distributions.Normal(prior_loc, prior_scale)
+    n = 400
+    w = q.sample((n,))
+    estimates = (q.log_prob(w) - p.log_prob(w)).sum(-1)
+    true_kl = estimates.mean().item()
+    tolerance = 5 * estimates.std().item() / math.sqrt(n)
+    assert bound >= true_kl - tolerance
+    assert bound > torch.distributions.kl_divergence(q, p).sum().item(), "strict for blended weights"
+
+
+def test_paper_weighting_shrinks_the_mixture_term():
+    bnn = small_bnn()
+    plan = make_plan(bnn)
+    summed = SharedMixtureGuide(bnn, plan, semantics="independent", kl_weighting="sum")
+    paper = SharedMixtureGuide(bnn, plan, semantics="independent", kl_weighting="paper")
+    assert paper.kl_divergence() < summed.kl_divergence()
+
+
+def test_bad_choices_are_named():
+    bnn = small_bnn()
+    plan = make_plan(bnn)
+    with pytest.raises(ValueError, match="semantics 'shared' is unknown"):
+        SharedMixtureGuide(bnn, plan, semantics="shared")
+    other = BayesianNetwork(nn.Linear(3, 2), IIDNormalPrior(), Categorical(1))
+    with pytest.raises(ValueError, match="made for another network"):
+        SharedMixtureGuide(other, plan)
