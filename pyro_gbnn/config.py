@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "model": "lenet",
     "method": "mean-field",
     "seed": 0,
+    "init_from": None,
     "device": "cpu",
     "threads": None,
     "progress": True,

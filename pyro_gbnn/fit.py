@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pyro_gbnn.config import DEFAULTS, METHODS, apply_overrides, load_config, merge
 from pyro_gbnn.errors import DivergedError, UsageError
+from pyro_gbnn.pipeline import FINAL_KEYS
 
 __all__ = ["main", "build_config"]
 
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, help="epochs of the method's final training stage")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--init-from", help="skip stage 0: take the deterministic network from this checkpoint.pt or state_dict file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -42,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace) -> dict:
     """Defaults < --config file < named flags < --set overrides."""
     config = load_config(args.config)
-    flags = {"dataset": args.dataset, "model": args.model, "method": args.method, "seed": args.seed}
+    flags = {"dataset": args.dataset, "model": args.model, "method": args.method, "seed": args.seed, "init_from": args.init_from}
     config = merge(config, {k: v for k, v in flags.items() if v is not None})
     if args.data_dir is not None:
         config["data"]["dir"] = args.data_dir
@@ -61,9 +63,30 @@ def build_config(args: argparse.Namespace) -> dict:
 def _resume_conflicts(args: argparse.Namespace) -> list[str]:
     given = {
         "--dataset": args.dataset, "--model": args.model, "--method": args.method, "--config": args.config,
-        "--epochs": args.epochs, "--seed": args.seed, "--set": args.overrides or None,
+        "--epochs": args.epochs, "--seed": args.seed, "--set": args.overrides or None, "--init-from": args.init_from,
     }
     return [flag for flag, value in given.items() if value is not None]
+
+
+_COLUMNS = (  # (metrics key, header, width, format)
+    ("accuracy", "acc", 7, ".4f"), ("nll", "nll", 7, ".4f"), ("ece", "ece", 7, ".4f"),
+    ("n_outliers", "outliers", 9, "d"), ("n_ellipses", "ellipses", 9, "d"), ("n_gaussians", "gaussians", 9, "d"),
+    ("n_params_trainable", "params", 10, "d"), ("size_bytes", "bytes", 11, "d"),
+    ("size_bytes_with_index", "bytes+index", 12, "d"), ("wall_time_s", "time_s", 8, ".1f"),
+)
+
+
+def format_table(metrics: dict) -> str:
+    """One row per stage in the paper's table layout (accuracy, NLL, ECE, outliers,
+    ellipses, Gaussians, parameters), plus bytes without and with the index, and wall time."""
+    rows = [f"{'stage':<13}" + "".join(f"{header:>{width + 2}}" for _, header, width, _ in _COLUMNS)]
+    for stage, result in metrics["stages"].items():
+        cells = [
+            f"{result[key]:>{width + 2}{fmt}}" if result.get(key) is not None else f"{'-':>{width + 2}}"
+            for key, _, width, fmt in _COLUMNS
+        ]
+        rows.append(f"{stage:<13}" + "".join(cells))
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as err:
         print(f"diverged: {err}", file=sys.stderr)
         return 1
-    summary = {k: metrics[k] for k in ("accuracy", "nll", "ece", "brier", "n_params_trainable", "size_bytes")}
+    print(format_table(metrics))
+    summary = {k: metrics[k] for k in FINAL_KEYS if k in metrics}
     print(json.dumps(summary))
     print(f"wrote {Path(args.out) / 'metrics.json'}")
     return 0

@@ -172,8 +172,33 @@ def _timed_epochs(run: FitRun, stage: str, start_epoch: int, **kwargs) -> None:
     run.stage_time[stage] = run.stage_time.get(stage, 0.0) + time.perf_counter() - clock[0]
 
 
+def load_pretrained(net: nn.Module, path: str | Path) -> None:
+    """Weights for stage 0 from a pyro_gbnn checkpoint or a plain ``state_dict`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--init-from {str(path)!r} does not exist; pass a checkpoint.pt of a finished stage 0 or a state_dict file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"--init-from {str(path)!r} is not a readable torch file ({type(err).__name__}); pass a checkpoint.pt or a state_dict") from None
+    if isinstance(state, dict) and "outputs" in state:
+        if "deterministic" not in state["outputs"]:
+            raise UsageError(f"checkpoint {str(path)!r} has no finished deterministic stage to start from")
+        state = state["outputs"]["deterministic"]["net"]
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0][:160]
+        raise UsageError(f"--init-from {str(path)!r} does not fit the model: {first}") from None
+
+
 def _stage_deterministic(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     section = run.config["deterministic"]
+    if run.config["init_from"]:
+        load_pretrained(net, run.config["init_from"])
+        run.finish_stage("deterministic", net, None, net, {"net": net.state_dict()})
+        run.results["deterministic"].update(epochs=0, init_from=str(run.config["init_from"]))
+        return
     optimizer = make_optimizer([{"params": list(net.parameters())}], section)
     steps = len(run.loader("train"))
     schedule = make_lr_schedule(optimizer, section, steps)
