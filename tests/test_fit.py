@@ -120,7 +120,11 @@ def run_cli(args, capsys):
 def test_cli_runs_and_prints_the_summary(fake_mnist, tmp_path, capsys):
     code = main(["--dataset", "mnist", "--data-dir", str(fake_mnist), "--method", "deterministic", "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress", "--set", "model=mlp"])
     assert code == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[0])["accuracy"] > 0.3
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["stage", "acc", "nll", "ece"]
+    assert lines[1].startswith("deterministic")
+    summary = json.loads(next(line for line in lines if line.startswith("{")))
+    assert summary["accuracy"] > 0.3
 
 
 @pytest.mark.parametrize(
@@ -140,6 +144,20 @@ def test_bad_input_is_one_line_with_exit_code_2(fake_mnist, tmp_path, capsys, ar
     assert code == 2
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_init_from_skips_stage_0_and_rejects_a_wrong_file(fake_mnist, tmp_path, capsys):
+    base = ["--dataset", "mnist", "--data-dir", str(fake_mnist), "--no-progress", "--set", "model=mlp"]
+    assert main(base + ["--method", "deterministic", "--epochs", "1", "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert main(base + ["--method", "deterministic", "--init-from", str(tmp_path / "a" / "checkpoint.pt"), "--out", str(tmp_path / "b")]) == 0
+    second = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert second["stages"]["deterministic"]["epochs"] == 0
+    assert second["accuracy"] == first["accuracy"]
+    capsys.readouterr()
+    code, err = run_cli(base + ["--init-from", str(tmp_path / "a" / "metrics.json"), "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and len(err) == 1 and "init-from" in err[0]
 
 
 def test_missing_and_malformed_data_dir(tmp_path, capsys):
