@@ -225,14 +225,24 @@ def _stage_deterministic(run: FitRun, net: nn.Module, resume: dict | None) -> No
     run.finish_stage("deterministic", net, None, net, {"net": net.state_dict()})
 
 
-def _stage_mean_field(run: FitRun, net: nn.Module, resume: dict | None) -> None:
-    section = run.config["mean_field"]
-    net.load_state_dict(run.outputs["deterministic"]["net"])
-    bnn, guide = build_mean_field(net, run.config, len(run.data.train))
+def _train_variational(
+    run: FitRun,
+    stage: str,
+    bnn: BayesianNetwork,
+    guide: nn.Module,
+    locations: list[nn.Parameter],
+    scales: list[nn.Parameter],
+    resume: dict | None,
+    first_epoch: int = 0,
+) -> AnalyticKL_ELBO:
+    """SVI on the ELBO for ``config[stage]`` epochs: means at ``lr``, scale-like parameters
+    at ``lr_scale`` (appendix I.4), the network's deterministic parameters at ``lr``.
+    ``first_epoch`` offsets the data order so each stage sees fresh permutations."""
+    section = run.config[stage]
     elbo = AnalyticKL_ELBO(bnn, guide, num_particles=section["num_particles"])
     groups = [
-        {"params": list(guide.loc_parameters()), "lr": section["lr"]},
-        {"params": list(guide.scale_parameters()), "lr": section["lr_scale"], "weight_decay": 0.0},
+        {"params": locations, "lr": section["lr"]},
+        {"params": scales, "lr": section["lr_scale"], "weight_decay": 0.0},
     ]
     others = [p for p in bnn.parameters() if p.requires_grad]
     if others:
@@ -248,16 +258,25 @@ def _stage_mean_field(run: FitRun, net: nn.Module, resume: dict | None) -> None:
         start = resume["epoch"]
     _timed_epochs(
         run,
-        "mean_field",
+        stage,
         start,
         step=elbo_step(elbo, len(run.data.train)),
         module=elbo,
         optimizer=optimizer,
         schedule=schedule,
-        batches_for_epoch=lambda e: run.loader("train", e),
+        batches_for_epoch=lambda e: run.loader("train", first_epoch + e),
         epochs=section["epochs"],
         evaluate=lambda: run.evaluate(bnn, guide, run.eval_split, section["eval_samples"]),
         save_states=lambda: {"elbo": elbo.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+    )
+    return elbo
+
+
+def _stage_mean_field(run: FitRun, net: nn.Module, resume: dict | None) -> None:
+    net.load_state_dict(run.outputs["deterministic"]["net"])
+    bnn, guide = build_mean_field(net, run.config, len(run.data.train))
+    elbo = _train_variational(
+        run, "mean_field", bnn, guide, list(guide.loc_parameters()), list(guide.scale_parameters()), resume
     )
     run.finish_stage("mean_field", bnn, guide, elbo, {"elbo": elbo.state_dict()})
 
@@ -332,45 +351,16 @@ def _stage_sharing(run: FitRun, net: nn.Module, resume: dict | None) -> None:
 
 
 def _stage_fine_tune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
-    section = run.config["fine_tune"]
     net.load_state_dict(run.outputs["deterministic"]["net"])
     bnn, _ = build_mean_field(net, run.config, len(run.data.train))
     bnn.load_state_dict(run.outputs["sharing"]["bnn"])
     plan = SharingPlan.from_state(run.outputs["sharing"]["plan"])
     guide = _shared_guide(run, bnn, plan)
-    elbo = AnalyticKL_ELBO(bnn, guide, num_particles=section["num_particles"])
-    locations = ("centre_mu", "outlier_loc")
-    scales = [p for name, p in guide.named_parameters() if name not in locations]
-    groups = [
-        {"params": [getattr(guide, name) for name in locations], "lr": section["lr"]},
-        {"params": scales, "lr": section["lr_scale"], "weight_decay": 0.0},
-    ]
-    others = [p for p in bnn.parameters() if p.requires_grad]
-    if others:
-        groups.append({"params": others, "lr": section["lr"]})
-    optimizer = make_optimizer(groups, section)
-    schedule = make_lr_schedule(optimizer, section, len(run.loader("train")))
-    start = 0
-    if resume is not None:
-        elbo.load_state_dict(resume["states"]["elbo"])
-        optimizer.load_state_dict(resume["states"]["optimizer"])
-        schedule.load_state_dict(resume["states"]["schedule"])
-        set_rng_state(resume["rng"])
-        start = resume["epoch"]
+    location_names = ("centre_mu", "outlier_loc")
+    locations = [getattr(guide, name) for name in location_names]
+    scales = [p for name, p in guide.named_parameters() if name not in location_names]
     first_epoch = run.config["mean_field"]["epochs"] + 1
-    _timed_epochs(
-        run,
-        "fine_tune",
-        start,
-        step=elbo_step(elbo, len(run.data.train)),
-        module=elbo,
-        optimizer=optimizer,
-        schedule=schedule,
-        batches_for_epoch=lambda e: run.loader("train", first_epoch + e),
-        epochs=section["epochs"],
-        evaluate=lambda: run.evaluate(bnn, guide, run.eval_split, section["eval_samples"]),
-        save_states=lambda: {"elbo": elbo.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
-    )
+    elbo = _train_variational(run, "fine_tune", bnn, guide, locations, scales, resume, first_epoch)
     _finish_shared_stage(run, "fine_tune", bnn, guide, elbo, plan, {"elbo": elbo.state_dict()})
 
 

@@ -53,11 +53,8 @@ class Killed(BaseException):
     pass
 
 
-@pytest.mark.parametrize("kill_after_saves", [1, 3, 4])
-def test_resume_after_a_kill_equals_an_uninterrupted_run(fake_mnist, tmp_path, monkeypatch, kill_after_saves):
-    config = tiny_config(fake_mnist)
-    reference = pipeline.run_fit(config, tmp_path / "reference")
-
+def kill_then_resume(config, out, monkeypatch, kill_after_saves):
+    """Run until the k-th checkpoint is written, die there, then resume in the same folder."""
     original_save = pipeline.FitRun.save
     calls = {"n": 0}
 
@@ -69,9 +66,16 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(fake_mnist, tmp_path, m
 
     monkeypatch.setattr(pipeline.FitRun, "save", save_then_die)
     with pytest.raises(Killed):
-        pipeline.run_fit(config, tmp_path / "killed")
+        pipeline.run_fit(config, out)
     monkeypatch.setattr(pipeline.FitRun, "save", original_save)
-    resumed = pipeline.run_fit(config, tmp_path / "killed", resume=True)
+    return pipeline.run_fit(config, out, resume=True)
+
+
+@pytest.mark.parametrize("kill_after_saves", [1, 3, 4])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(fake_mnist, tmp_path, monkeypatch, kill_after_saves):
+    config = tiny_config(fake_mnist)
+    reference = pipeline.run_fit(config, tmp_path / "reference")
+    resumed = kill_then_resume(config, tmp_path / "killed", monkeypatch, kill_after_saves)
 
     strip = lambda m: {k: v for k, v in m.items() if k != "stages"}
     assert strip(resumed) == strip(reference)
@@ -242,19 +246,6 @@ def load_checkpoint_plan(path):
 def test_2dgbnn_resume_after_a_kill_in_stages_2_and_3(fake_mnist, tmp_path, monkeypatch, kill_after_saves):
     config = tiny_config(fake_mnist, "2dgbnn", GBNN)
     reference = pipeline.run_fit(config, tmp_path / "reference")
-    original_save = pipeline.FitRun.save
-    calls = {"n": 0}
-
-    def save_then_die(self, *args, **kwargs):
-        original_save(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == kill_after_saves:
-            raise Killed()
-
-    monkeypatch.setattr(pipeline.FitRun, "save", save_then_die)
-    with pytest.raises(Killed):
-        pipeline.run_fit(config, tmp_path / "killed")
-    monkeypatch.setattr(pipeline.FitRun, "save", original_save)
-    resumed = pipeline.run_fit(config, tmp_path / "killed", resume=True)
+    resumed = kill_then_resume(config, tmp_path / "killed", monkeypatch, kill_after_saves)
     for key in ("accuracy", "nll", "ece", "n_outliers", "n_ellipses", "n_gaussians", "n_params_trainable"):
         assert resumed[key] == reference[key], key
