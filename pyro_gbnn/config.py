@@ -132,6 +132,8 @@ def merge(base: dict, update: dict, path: str = "") -> dict:
 def _coerce(where: str, default: Any, value: Any) -> Any:
     """Numbers written like ``1e-3`` load from YAML as strings; read them as the default's type."""
     numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if isinstance(default, str) and isinstance(value, (int, float, bool)):
+        return str(value)  # a folder named 2024 stays a folder name
     if default is None and isinstance(value, str):
         try:
             return float(value)

@@ -27,6 +27,10 @@ def test_overrides_parse_yaml_values_and_numbers_written_with_exponents():
     assert DEFAULTS["mean_field"]["lr"] != 1e-4, "defaults are never mutated"
 
 
+def test_text_settings_stay_text():
+    assert apply_overrides(DEFAULTS, ["data.dir=2024"])["data"]["dir"] == "2024"
+
+
 def test_prior_spec_replaces_args_when_class_changes():
     config = apply_overrides(DEFAULTS, ["bnn.prior={class: scale_mixture}"])
     assert config["bnn"]["prior"] == {"class": "scale_mixture", "args": {}}
