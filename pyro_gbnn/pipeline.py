@@ -172,6 +172,17 @@ def _timed_epochs(run: FitRun, stage: str, start_epoch: int, **kwargs) -> None:
     run.stage_time[stage] = run.stage_time.get(stage, 0.0) + time.perf_counter() - clock[0]
 
 
+def _restore_training(resume: dict | None, key: str, module: nn.Module, optimizer, schedule) -> int:
+    """Load a mid-stage checkpoint into the stage's objects; returns the epoch to start at."""
+    if resume is None:
+        return 0
+    module.load_state_dict(resume["states"][key])
+    optimizer.load_state_dict(resume["states"]["optimizer"])
+    schedule.load_state_dict(resume["states"]["schedule"])
+    set_rng_state(resume["rng"])
+    return resume["epoch"]
+
+
 def load_pretrained(net: nn.Module, path: str | Path) -> None:
     """Weights for stage 0 from a pyro_gbnn checkpoint or a plain ``state_dict`` file."""
     path = Path(path)
@@ -202,13 +213,7 @@ def _stage_deterministic(run: FitRun, net: nn.Module, resume: dict | None) -> No
     optimizer = make_optimizer([{"params": list(net.parameters())}], section)
     steps = len(run.loader("train"))
     schedule = make_lr_schedule(optimizer, section, steps)
-    start = 0
-    if resume is not None:
-        net.load_state_dict(resume["states"]["net"])
-        optimizer.load_state_dict(resume["states"]["optimizer"])
-        schedule.load_state_dict(resume["states"]["schedule"])
-        set_rng_state(resume["rng"])
-        start = resume["epoch"]
+    start = _restore_training(resume, "net", net, optimizer, schedule)
     _timed_epochs(
         run,
         "deterministic",
@@ -249,13 +254,7 @@ def _train_variational(
         groups.append({"params": others, "lr": section["lr"]})
     optimizer = make_optimizer(groups, section)
     schedule = make_lr_schedule(optimizer, section, len(run.loader("train")))
-    start = 0
-    if resume is not None:
-        elbo.load_state_dict(resume["states"]["elbo"])
-        optimizer.load_state_dict(resume["states"]["optimizer"])
-        schedule.load_state_dict(resume["states"]["schedule"])
-        set_rng_state(resume["rng"])
-        start = resume["epoch"]
+    start = _restore_training(resume, "elbo", elbo, optimizer, schedule)
     _timed_epochs(
         run,
         stage,
