@@ -301,7 +301,7 @@ def accumulate_gradients(
         elbo.zero_grad(set_to_none=True)
         (elbo(x.to(device), y.to(device)) / dataset_size).backward()
         for name in totals:
-            totals[name] += guide.loc[name.replace(".", "/")].grad.detach().abs().cpu()
+            totals[name] += guide.location(name).grad.detach().abs().cpu()
         seen += 1
     elbo.zero_grad(set_to_none=True)
     return {name: total / max(seen, 1) for name, total in totals.items()}

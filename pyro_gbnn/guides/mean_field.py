@@ -16,14 +16,15 @@ from torch import nn
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.priors import fan_in_and_fan_out
 
-__all__ = ["MeanFieldGuide", "initial_scales"]
+__all__ = ["MeanFieldGuide", "initial_scales", "inverse_softplus"]
 
 
 def _key(name: str) -> str:
     return name.replace(".", "/")
 
 
-def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    """rho with softplus(rho) = x, for x > 0: how scales are stored unconstrained."""
     return x + torch.log(-torch.expm1(-x))
 
 
@@ -83,7 +84,7 @@ class MeanFieldGuide(PyroModule):
         self.loc = nn.ParameterDict(
             {_key(n): nn.Parameter(init_loc[n].detach().clone().reshape(s)) for n, s in self.site_shapes.items()}
         )
-        self.rho = nn.ParameterDict({_key(n): nn.Parameter(_inverse_softplus(scales[n])) for n in self.site_shapes})
+        self.rho = nn.ParameterDict({_key(n): nn.Parameter(inverse_softplus(scales[n])) for n in self.site_shapes})
 
     def loc_parameters(self) -> Iterator[nn.Parameter]:
         """Means, which usually want a small learning rate (appendix I.4)."""
@@ -92,6 +93,10 @@ class MeanFieldGuide(PyroModule):
     def scale_parameters(self) -> Iterator[nn.Parameter]:
         """Unconstrained scales rho (scale = softplus(rho)), which want a larger one."""
         return iter(self.rho.values())
+
+    def location(self, name: str) -> nn.Parameter:
+        """The mean parameter of site ``name``."""
+        return self.loc[_key(name)]
 
     def scale(self, name: str) -> torch.Tensor:
         return F.softplus(self.rho[_key(name)])

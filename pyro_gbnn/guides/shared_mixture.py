@@ -54,6 +54,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
+from pyro_gbnn.guides.mean_field import inverse_softplus
 from pyro_gbnn.sharing.plan import SharingPlan
 
 __all__ = ["SharedMixtureGuide", "SEMANTICS"]
@@ -61,10 +62,6 @@ __all__ = ["SharedMixtureGuide", "SEMANTICS"]
 SEMANTICS = ("tied", "independent")
 PRIOR_CHOICES = ("weight", "anchor")
 KL_WEIGHTINGS = ("sum", "paper")
-
-
-def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
-    return x + torch.log(-torch.expm1(-x))
 
 
 def _normal_prior_vectors(bnn: BayesianNetwork, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +108,11 @@ class SharedMixtureGuide(PyroModule):
         means, covs = plan.means.float(), plan.covs.float()
         chol = torch.linalg.cholesky(covs)
         self.centre_mu = nn.Parameter(means[:, 0].clone())
-        self.centre_rho = nn.Parameter(_inverse_softplus(means[:, 1].clamp_min(1e-6)))
+        self.centre_rho = nn.Parameter(inverse_softplus(means[:, 1].clamp_min(1e-6)))
         self.chol_log_diag = nn.Parameter(torch.stack([chol[:, 0, 0], chol[:, 1, 1]], -1).log())
         self.chol_offdiag = nn.Parameter(chol[:, 1, 0].clone())
         self.outlier_loc = nn.Parameter(plan.outlier_loc.float().clone())
-        self.outlier_rho = nn.Parameter(_inverse_softplus(plan.outlier_scale.float().clamp_min(1e-6)))
+        self.outlier_rho = nn.Parameter(inverse_softplus(plan.outlier_scale.float().clamp_min(1e-6)))
 
         # Stored compactly (as in the plan) and once more as int64 for fast gathers.
         self.register_buffer("inlier_component", plan.inlier_component.clone())
