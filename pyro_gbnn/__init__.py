@@ -11,7 +11,7 @@ from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.config import DEFAULTS, apply_overrides, load_config
 from pyro_gbnn.data import load_dataset, make_loader
 from pyro_gbnn.elbo import AnalyticKL_ELBO
-from pyro_gbnn.guides import MeanFieldGuide
+from pyro_gbnn.guides import MeanFieldGuide, SiteGuide, site_key
 from pyro_gbnn.likelihoods import Categorical, Gaussian
 from pyro_gbnn.models import build_model
 from pyro_gbnn.pipeline import run_fit
@@ -29,6 +29,7 @@ __all__ = [
     "MeanFieldGuide",
     "Prior",
     "ScaleMixturePrior",
+    "SiteGuide",
     "apply_overrides",
     "build_model",
     "load_config",
@@ -37,6 +38,7 @@ __all__ = [
     "metrics",
     "predict",
     "run_fit",
+    "site_key",
     "to_inference_data",
 ]
 

@@ -17,7 +17,7 @@ from pyro_gbnn.errors import UsageError
 
 __all__ = ["DEFAULTS", "METHODS", "load_config", "merge", "apply_overrides", "dump_config"]
 
-METHODS = ("deterministic", "mean-field", "2dgbnn")
+METHODS = ("deterministic", "mean-field", "2dgbnn", "spike-slab", "ssvi", "int8")
 
 _SCHEDULE = {
     "epochs": 1,
@@ -31,6 +31,16 @@ _SCHEDULE = {
     "gamma": 0.2,
     "warmup_epochs": 0,
 }
+
+_VARIATIONAL = dict(
+    _SCHEDULE,
+    optimizer="adam",
+    lr=1e-3,
+    lr_scale=1e-2,
+    eval_samples=8,
+    num_particles=1,
+    kl_warmup_epochs=0,
+)
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "mnist",
@@ -55,15 +65,7 @@ DEFAULTS: dict[str, Any] = {
     # Stage 0: deterministic pre-training (the paper's appendix I.3 for CIFAR/ImageNet).
     "deterministic": dict(_SCHEDULE, epochs=3, lr=0.1, weight_decay=5e-4),
     # Stage 1: mean-field SVI, initialised from stage 0 (appendix I.4-I.5).
-    "mean_field": dict(
-        _SCHEDULE,
-        epochs=2,
-        optimizer="adam",
-        lr=1e-3,
-        lr_scale=1e-2,
-        eval_samples=8,
-        num_particles=1,
-    ),
+    "mean_field": dict(_VARIATIONAL, epochs=2),
     # Stage 2 (2DGBNN): outliers, 2D mixture, dissolving, merging, alpha-blending.
     # See pyro_gbnn.sharing.build.SharingSettings for each key's meaning.
     "sharing": {
@@ -87,23 +89,44 @@ DEFAULTS: dict[str, Any] = {
     },
     # Stage 3 (2DGBNN): fine-tuning with the shared-mixture guide (appendix I.5: lr 1e-5).
     "fine_tune": dict(
-        _SCHEDULE,
+        _VARIATIONAL,
         epochs=1,
-        optimizer="adam",
         lr=1e-5,
         lr_scale=1e-3,
-        eval_samples=8,
-        num_particles=1,
         semantics="tied",
         shared_prior="weight",
         kl_weighting="sum",
     ),
+    # Spike-and-slab (Saha et al. 2024): SVI from the stage-0 network, then pruning by
+    # posterior inclusion probability. See pyro_gbnn.guides.spike_slab.
+    "spike_slab": dict(
+        _VARIATIONAL,
+        epochs=2,
+        prior_inclusion=0.5,
+        init_inclusion=0.99,
+        update_rate=1.0,
+        prune_threshold=0.5,
+    ),
+    # SSVI (Li et al. 2024): VI in a sparse subspace of fixed dimension, trained from scratch.
+    # See pyro_gbnn.guides.sparse_subspace.
+    "ssvi": dict(
+        _VARIATIONAL,
+        epochs=2,
+        density=0.1,
+        removal="snr_abs",
+        addition="gradient",
+        update_every=100,
+        replacement_rate=0.3,
+        update_fraction=0.75,  # the subspace stops changing after this fraction of the steps
+    ),
+    # INT8 baseline (Subedar et al. 2021): post-training quantization of the stage-1 guide;
+    # one evaluation per entry of scale_bits, the first is the headline row.
+    "int8": {"loc_bits": 8, "scale_bits": [8, 4, 2, 1], "per_channel": True},
     "bnn": {
         "prior": {"class": "iid_normal", "args": {"loc": 0.0, "scale": 1.0}},
+        "guide": {"class": "mean_field", "args": {"init_scale": "xavier", "xavier_gain": 0.01}},
         "estimator": "local",
         "bayesian_norm": False,
-        "init_scale": "xavier",
-        "xavier_gain": 0.01,
     },
     "predict": {"num_samples": 30, "ece_bins": 15, "sample_chunk": 10},
 }
@@ -112,7 +135,8 @@ DEFAULTS: dict[str, Any] = {
 def merge(base: dict, update: dict, path: str = "") -> dict:
     """``base`` updated by ``update``; unknown keys raise :class:`UsageError`.
 
-    Keys under a mapping whose default is empty (``model_args``, prior ``args``) are free.
+    Keys under a mapping whose default is empty (``model_args``, prior ``args``) are free;
+    ``prior`` and ``guide`` are ``{class, args}`` specs (see :mod:`pyro_gbnn.registry`).
     """
     out = copy.deepcopy(base)
     for key, value in (update or {}).items():
@@ -120,13 +144,22 @@ def merge(base: dict, update: dict, path: str = "") -> dict:
         if base and key not in base:
             raise UsageError(f"unknown config key {where!r}; accepted here: {', '.join(sorted(base))}")
         if isinstance(base.get(key) if base else None, dict) and isinstance(value, dict):
-            free = not base[key] or key in ("args", "prior")
-            out[key] = merge({} if free else base[key], value, f"{where}.") if not free else {**base[key], **value}
-            if key == "prior" and "class" in value and "args" not in value:
-                out[key]["args"] = {}
+            if key in ("prior", "guide"):
+                out[key] = _merge_class_spec(base[key], value)
+            elif not base[key] or key == "args":
+                out[key] = {**base[key], **value}
+            else:
+                out[key] = merge(base[key], value, f"{where}.")
         else:
             out[key] = _coerce(where, base.get(key) if base else None, value)
     return out
+
+
+def _merge_class_spec(base: dict, update: dict) -> dict:
+    """A ``{class, args}`` spec: a new class starts from its own args; the same class merges them."""
+    if "class" in update and update["class"] != base.get("class"):
+        return {"class": update["class"], "args": copy.deepcopy(update.get("args") or {})}
+    return {**base, **update, "args": {**(base.get("args") or {}), **(update.get("args") or {})}}
 
 
 def _coerce(where: str, default: Any, value: Any) -> Any:

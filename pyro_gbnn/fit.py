@@ -13,11 +13,9 @@ from pathlib import Path
 
 from pyro_gbnn.config import DEFAULTS, METHODS, apply_overrides, load_config, merge
 from pyro_gbnn.errors import DivergedError, UsageError
-from pyro_gbnn.pipeline import FINAL_KEYS
+from pyro_gbnn.pipeline import FINAL_KEYS, TRAINING_STAGE
 
 __all__ = ["main", "build_config"]
-
-_FINAL_STAGE = {"deterministic": "deterministic", "mean-field": "mean_field", "2dgbnn": "fine_tune"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +54,7 @@ def build_config(args: argparse.Namespace) -> dict:
     if args.epochs is not None:
         if args.epochs < 1:
             raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
-        config[_FINAL_STAGE[config["method"]]]["epochs"] = args.epochs
+        config[TRAINING_STAGE[config["method"]]]["epochs"] = args.epochs
     return config
 
 
@@ -72,7 +70,8 @@ _COLUMNS = (  # (metrics key, header, width, format)
     ("accuracy", "acc", 7, ".4f"), ("nll", "nll", 7, ".4f"), ("ece", "ece", 7, ".4f"),
     ("n_outliers", "outliers", 9, "d"), ("n_ellipses", "ellipses", 9, "d"), ("n_gaussians", "gaussians", 9, "d"),
     ("n_params_trainable", "params", 10, "d"), ("size_bytes", "bytes", 11, "d"),
-    ("size_bytes_with_index", "bytes+index", 12, "d"), ("wall_time_s", "time_s", 8, ".1f"),
+    ("size_bytes_with_index", "bytes+index", 12, "d"), ("sparsity", "sparsity", 9, ".4f"),
+    ("density", "density", 8, ".4f"), ("wall_time_s", "time_s", 8, ".1f"),
 )
 
 
@@ -86,6 +85,12 @@ def format_table(metrics: dict) -> str:
             for key, _, width, fmt in _COLUMNS
         ]
         rows.append(f"{stage:<13}" + "".join(cells))
+        for bits, variant in result.get("by_scale_bits", {}).items():
+            cells = [
+                f"{variant[key]:>{width + 2}{fmt}}" if variant.get(key) is not None else f"{'-':>{width + 2}}"
+                for key, _, width, fmt in _COLUMNS
+            ]
+            rows.append(f"{'  ' + bits + '-bit sd':<13}" + "".join(cells))
     return "\n".join(rows)
 
 

@@ -1,6 +1,7 @@
 """The staged training pipeline behind ``python -m pyro_gbnn.fit`` and the notebooks.
 
-Stages run in order (stage 0 ``deterministic``, stage 1 ``mean_field``); each finished
+Stages run in order (e.g. for 2DGBNN: stage 0 ``deterministic``, stage 1 ``mean_field``,
+stage 2 ``sharing``, stage 3 ``fine_tune``; see :data:`STAGES`); each finished
 epoch and each finished stage is written to ``OUT/checkpoint.pt`` atomically, with every
 random-number state, so ``resume=True`` continues a killed run and reaches the same
 result as an uninterrupted one. ``OUT`` also receives ``config.yaml``, ``log.jsonl`` and,
@@ -9,7 +10,9 @@ at the end, ``metrics.json``.
 Size accounting (``n_params_trainable``, ``size_bytes``): every tensor the optimizer
 updates, counted once (for a mean-field BNN: a mean and a scale per Bayesian weight plus
 the deterministic normalisation parameters); ``size_bytes`` = 4 bytes per such value
-(fp32). Buffers (BatchNorm running statistics) are not counted.
+(fp32). Buffers (BatchNorm running statistics) are not counted. Compressed stages count
+what they deploy instead: spike-and-slab the kept weights, SSVI the active ones, INT8 the
+packed codes (each stage's code says how).
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.guides import MeanFieldGuide
 from pyro_gbnn.guides.shared_mixture import SharedMixtureGuide
+from pyro_gbnn.guides.sparse_subspace import SparseSubspaceGuide
+from pyro_gbnn.guides.spike_slab import SpikeSlabGuide
 from pyro_gbnn.likelihoods import Categorical
 from pyro_gbnn.metrics import classification_metrics
 from pyro_gbnn.models import build_model
 from pyro_gbnn.predict import predict
-from pyro_gbnn.registry import build_prior
+from pyro_gbnn.quantization import quantize_mean_field
+from pyro_gbnn.registry import build_guide, build_prior
 from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
 from pyro_gbnn.sharing.plan import SharingPlan
 from pyro_gbnn.train import (
@@ -49,18 +55,31 @@ from pyro_gbnn.train import (
     train_epochs,
 )
 
-__all__ = ["STAGES", "run_fit", "count_trainable", "build_mean_field", "accumulate_gradients", "FitRun"]
+__all__ = ["STAGES", "TRAINING_STAGE", "run_fit", "count_trainable", "build_bnn", "build_mean_field", "accumulate_gradients", "FitRun"]
 
 STAGES: dict[str, tuple[str, ...]] = {
     "deterministic": ("deterministic",),
     "mean-field": ("deterministic", "mean_field"),
     "2dgbnn": ("deterministic", "mean_field", "sharing", "fine_tune"),
+    "spike-slab": ("deterministic", "spike_slab", "prune"),
+    "ssvi": ("ssvi",),
+    "int8": ("deterministic", "mean_field", "quantize"),
+}
+
+TRAINING_STAGE = {  # the stage whose epochs ``--epochs`` sets
+    "deterministic": "deterministic",
+    "mean-field": "mean_field",
+    "2dgbnn": "fine_tune",
+    "spike-slab": "spike_slab",
+    "ssvi": "ssvi",
+    "int8": "mean_field",
 }
 
 
 FINAL_KEYS = (
     "accuracy", "nll", "ece", "brier", "n_params_trainable", "size_bytes",
     "n_outliers", "n_ellipses", "n_gaussians", "size_bytes_with_index",
+    "sparsity", "density", "train_flops_ratio", "scale_bits",
 )
 
 
@@ -69,18 +88,29 @@ def count_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def build_mean_field(net: nn.Module, config: dict, dataset_size: int) -> tuple[BayesianNetwork, MeanFieldGuide]:
-    """Stage-1 objects from a (pre-trained) network: the BNN and its guide, means = net's weights."""
+def build_bnn(net: nn.Module, config: dict, dataset_size: int) -> BayesianNetwork:
+    """The Bayesian network of ``config["bnn"]`` (prior, estimator) around ``net``."""
     bnn_cfg = config["bnn"]
-    bnn = BayesianNetwork(
+    return BayesianNetwork(
         net,
         build_prior(bnn_cfg["prior"]),
         Categorical(dataset_size),
         estimator=bnn_cfg["estimator"],
         bayesian_norm=bnn_cfg["bayesian_norm"],
     )
-    guide = MeanFieldGuide(bnn, init_scale=bnn_cfg["init_scale"], xavier_gain=bnn_cfg["xavier_gain"])
-    return bnn, guide
+
+
+def build_mean_field(net: nn.Module, config: dict, dataset_size: int) -> tuple[BayesianNetwork, nn.Module]:
+    """Stage-1 objects from a (pre-trained) network: the BNN and the guide of ``bnn.guide``
+    (mean-field by default; any registered or dotted-path guide class), means = net's weights."""
+    bnn = build_bnn(net, config, dataset_size)
+    return bnn, build_guide(config["bnn"]["guide"], bnn)
+
+
+def _require_mean_field(guide: nn.Module, method: str) -> MeanFieldGuide:
+    if not isinstance(guide, MeanFieldGuide):
+        raise UsageError(f"method {method} starts from a mean-field posterior; set bnn.guide.class to mean_field (got {type(guide).__name__})")
+    return guide
 
 
 @dataclass
@@ -142,15 +172,26 @@ class FitRun:
         )
         return classification_metrics(prediction.probs, prediction.labels, n_bins=pred_cfg["ece_bins"])
 
-    def finish_stage(self, stage: str, bnn: nn.Module, guide: nn.Module | None, trained: nn.Module, output: dict) -> None:
+    def finish_stage(
+        self,
+        stage: str,
+        bnn: nn.Module,
+        guide: nn.Module | None,
+        trained: nn.Module,
+        output: dict,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        """Test metrics and size of a finished stage; ``size`` = (parameters, bytes) of
+        what the stage deploys, default: every trainable value of ``trained`` in fp32."""
         num_samples = 1 if guide is None else self.config["predict"]["num_samples"]
         metrics = self.evaluate(bnn, guide, "test", num_samples)
         n_params = count_trainable(trained)
+        n_params, size_bytes = (n_params, 4 * n_params) if size is None else size
         self.results[stage] = {
             **metrics,
             "n_params_trainable": n_params,
-            "size_bytes": 4 * n_params,
-            "epochs": self.config[stage].get("epochs", 0),
+            "size_bytes": size_bytes,
+            "epochs": self.config.get(stage, {}).get("epochs", 0),
             "wall_time_s": round(self.stage_time.get(stage, 0.0), 2),
         }
         self.outputs[stage] = output
@@ -235,31 +276,40 @@ def _train_variational(
     stage: str,
     bnn: BayesianNetwork,
     guide: nn.Module,
-    locations: list[nn.Parameter],
-    scales: list[nn.Parameter],
     resume: dict | None,
     first_epoch: int = 0,
+    locations: list[nn.Parameter] | None = None,
+    scales: list[nn.Parameter] | None = None,
 ) -> AnalyticKL_ELBO:
     """SVI on the ELBO for ``config[stage]`` epochs: means at ``lr``, scale-like parameters
-    at ``lr_scale`` (appendix I.4), the network's deterministic parameters at ``lr``.
-    ``first_epoch`` offsets the data order so each stage sees fresh permutations."""
+    at ``lr_scale`` (appendix I.4; by default the guide's ``loc_parameters()`` and
+    ``scale_parameters()``), the network's deterministic parameters at ``lr``. The KL
+    weight rises linearly to 1 over ``kl_warmup_epochs``; a guide's ``after_step(optimizer)``
+    runs after every step. ``first_epoch`` offsets the data order so each stage sees fresh
+    permutations."""
     section = run.config[stage]
     elbo = AnalyticKL_ELBO(bnn, guide, num_particles=section["num_particles"])
-    groups = [
-        {"params": locations, "lr": section["lr"]},
-        {"params": scales, "lr": section["lr_scale"], "weight_decay": 0.0},
-    ]
+    locations = list(guide.loc_parameters()) if locations is None else locations
+    scales = list(guide.scale_parameters()) if scales is None else scales
+    groups = [{"params": locations, "lr": section["lr"]}]
+    if scales:
+        groups.append({"params": scales, "lr": section["lr_scale"], "weight_decay": 0.0})
     others = [p for p in bnn.parameters() if p.requires_grad]
     if others:
         groups.append({"params": others, "lr": section["lr"]})
     optimizer = make_optimizer(groups, section)
-    schedule = make_lr_schedule(optimizer, section, len(run.loader("train")))
+    steps_per_epoch = len(run.loader("train"))
+    schedule = make_lr_schedule(optimizer, section, steps_per_epoch)
     start = _restore_training(resume, "elbo", elbo, optimizer, schedule)
+    warmup_steps = int(section["kl_warmup_epochs"] * steps_per_epoch)
+    kl_weight = (lambda: min(1.0, (schedule.last_epoch + 1) / warmup_steps)) if warmup_steps > 0 else None
+    guide_update = getattr(guide, "after_step", None)
     _timed_epochs(
         run,
         stage,
         start,
-        step=elbo_step(elbo, len(run.data.train)),
+        step=elbo_step(elbo, len(run.data.train), kl_weight),
+        after_step=(lambda: guide_update(optimizer)) if guide_update is not None else None,
         module=elbo,
         optimizer=optimizer,
         schedule=schedule,
@@ -274,9 +324,7 @@ def _train_variational(
 def _stage_mean_field(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     net.load_state_dict(run.outputs["deterministic"]["net"])
     bnn, guide = build_mean_field(net, run.config, len(run.data.train))
-    elbo = _train_variational(
-        run, "mean_field", bnn, guide, list(guide.loc_parameters()), list(guide.scale_parameters()), resume
-    )
+    elbo = _train_variational(run, "mean_field", bnn, guide, resume)
     run.finish_stage("mean_field", bnn, guide, elbo, {"elbo": elbo.state_dict()})
 
 
@@ -333,6 +381,7 @@ def _stage_sharing(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     section = run.config["sharing"]
     started = time.perf_counter()
     bnn, guide, elbo = _restore_mean_field(run, net)
+    _require_mean_field(guide, "2dgbnn")
     epoch_after_stage1 = run.config["mean_field"]["epochs"]
     gradients = accumulate_gradients(
         elbo, guide, run.loader("train", epoch_after_stage1), section["grad_batches"], len(run.data.train), run.config["device"]
@@ -351,7 +400,7 @@ def _stage_sharing(run: FitRun, net: nn.Module, resume: dict | None) -> None:
 
 def _stage_fine_tune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     net.load_state_dict(run.outputs["deterministic"]["net"])
-    bnn, _ = build_mean_field(net, run.config, len(run.data.train))
+    bnn = build_bnn(net, run.config, len(run.data.train))
     bnn.load_state_dict(run.outputs["sharing"]["bnn"])
     plan = SharingPlan.from_state(run.outputs["sharing"]["plan"])
     guide = _shared_guide(run, bnn, plan)
@@ -359,8 +408,95 @@ def _stage_fine_tune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     locations = [getattr(guide, name) for name in location_names]
     scales = [p for name, p in guide.named_parameters() if name not in location_names]
     first_epoch = run.config["mean_field"]["epochs"] + 1
-    elbo = _train_variational(run, "fine_tune", bnn, guide, locations, scales, resume, first_epoch)
+    elbo = _train_variational(run, "fine_tune", bnn, guide, resume, first_epoch, locations, scales)
     _finish_shared_stage(run, "fine_tune", bnn, guide, elbo, plan, {"elbo": elbo.state_dict()})
+
+
+def _spike_slab_guide(run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, SpikeSlabGuide]:
+    section = run.config["spike_slab"]
+    net.load_state_dict(run.outputs["deterministic"]["net"])
+    bnn = build_bnn(net, run.config, len(run.data.train))
+    guide = SpikeSlabGuide(
+        bnn,
+        prior_inclusion=section["prior_inclusion"],
+        init_inclusion=section["init_inclusion"],
+        update_rate=section["update_rate"],
+    )
+    return bnn, guide
+
+
+def _stage_spike_slab(run: FitRun, net: nn.Module, resume: dict | None) -> None:
+    bnn, guide = _spike_slab_guide(run, net)
+    elbo = _train_variational(run, "spike_slab", bnn, guide, resume)
+    n_params = count_trainable(elbo) + sum(shape.numel() for shape in bnn.site_shapes.values())  # + one phi per weight
+    run.finish_stage("spike_slab", bnn, guide, elbo, {"elbo": elbo.state_dict()}, size=(n_params, 4 * n_params))
+    run.results["spike_slab"]["sparsity"] = guide.sparsity(run.config["spike_slab"]["prune_threshold"])
+
+
+def _stage_prune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
+    """Keep the weights whose posterior inclusion probability exceeds ``prune_threshold``;
+    deployed: mean and scale of each kept weight plus a one-bit mask per weight."""
+    started = time.perf_counter()
+    bnn, guide = _spike_slab_guide(run, net)
+    AnalyticKL_ELBO(bnn, guide).load_state_dict(run.outputs["spike_slab"]["elbo"])
+    threshold = run.config["spike_slab"]["prune_threshold"]
+    pruned = guide.prune(threshold)
+    others = count_trainable(bnn)
+    size = (2 * pruned.num_kept() + others, guide.pruned_size_bytes(threshold) + 4 * others)
+    run.stage_time["prune"] = time.perf_counter() - started
+    run.finish_stage("prune", bnn, pruned, bnn, {}, size=size)
+    run.results["prune"].update(sparsity=guide.sparsity(threshold), n_kept=pruned.num_kept())
+
+
+def _stage_ssvi(run: FitRun, net: nn.Module, resume: dict | None) -> None:
+    """SSVI from the network's initial weights: only the active subspace is ever trained."""
+    section = run.config["ssvi"]
+    bnn = build_bnn(net, run.config, len(run.data.train))
+    steps = int(section["update_fraction"] * section["epochs"] * len(run.loader("train")))
+    guide = SparseSubspaceGuide(
+        bnn,
+        density=section["density"],
+        removal=section["removal"],
+        addition=section["addition"],
+        update_every=section["update_every"],
+        replacement_rate=section["replacement_rate"],
+        total_steps=steps,
+        seed=run.config["seed"],
+    )
+    elbo = _train_variational(run, "ssvi", bnn, guide, resume)
+    others = count_trainable(bnn)
+    size = (2 * guide.num_active() + others, guide.size_bytes() + 4 * others)
+    run.finish_stage("ssvi", bnn, guide, elbo, {"elbo": elbo.state_dict()}, size=size)
+    x, _ = run.data.test[0]
+    run.results["ssvi"].update(
+        density=guide.density(), train_flops_ratio=guide.training_flops_ratio(bnn, (1, *x.shape))
+    )
+
+
+def _stage_quantize(run: FitRun, net: nn.Module, resume: dict | None) -> None:
+    """Post-training quantization of the stage-1 guide, one evaluation per scale bit width;
+    deployed: the packed codes and their fp32 scales plus the fp32 normalisation parameters."""
+    section = run.config["int8"]
+    bnn, guide, _ = _restore_mean_field(run, net)
+    _require_mean_field(guide, "int8")
+    others = count_trainable(bnn)
+    n_params = count_trainable(guide) + others
+    rows = {}
+    for bits in section["scale_bits"]:
+        started = time.perf_counter()
+        quantized = quantize_mean_field(guide, loc_bits=section["loc_bits"], scale_bits=int(bits), per_channel=section["per_channel"])
+        metrics = run.evaluate(bnn, quantized, "test", run.config["predict"]["num_samples"])
+        rows[str(bits)] = {**metrics, "size_bytes": quantized.size_bytes() + 4 * others, "wall_time_s": round(time.perf_counter() - started, 2)}
+    first = str(section["scale_bits"][0])
+    run.results["quantize"] = {
+        **rows[first],
+        "n_params_trainable": n_params,
+        "scale_bits": int(first),
+        "loc_bits": section["loc_bits"],
+        "by_scale_bits": rows,
+    }
+    run.outputs["quantize"] = {}
+    run.log.write({"stage": "quantize", "finished": True, "test": run.results["quantize"]})
 
 
 STAGE_RUNNERS = {
@@ -368,6 +504,10 @@ STAGE_RUNNERS = {
     "mean_field": _stage_mean_field,
     "sharing": _stage_sharing,
     "fine_tune": _stage_fine_tune,
+    "spike_slab": _stage_spike_slab,
+    "prune": _stage_prune,
+    "ssvi": _stage_ssvi,
+    "quantize": _stage_quantize,
 }
 
 
@@ -448,7 +588,7 @@ def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
         if state is not None and resume_state is None:
             set_rng_state(state["rng"])
         STAGE_RUNNERS[stage](run, net, resume_state)
-        run.save(stage, config[stage].get("epochs", 0), {})
+        run.save(stage, config.get(stage, {}).get("epochs", 0), {})
         state = None
     final = run.results[STAGES[config["method"]][-1]]
     metrics = {

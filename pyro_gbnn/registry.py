@@ -1,4 +1,4 @@
-"""Build priors (and later guides) from config specs: a built-in name or a dotted class path.
+"""Build priors and guides from config specs: a built-in name or a dotted class path.
 
 ``{"class": "layerwise_normal", "args": {"method": "radford"}}`` and
 ``{"class": "my_package.priors.LaplacePrior", "args": {"scale": 0.1}}`` work the same way,
@@ -12,14 +12,24 @@ import inspect
 from typing import Any
 
 from pyro_gbnn.errors import UsageError
+from pyro_gbnn.guides.base import SiteGuide
+from pyro_gbnn.guides.mean_field import MeanFieldGuide
+from pyro_gbnn.guides.sparse_subspace import SparseSubspaceGuide
+from pyro_gbnn.guides.spike_slab import SpikeSlabGuide
 from pyro_gbnn.priors import IIDNormalPrior, LayerwiseNormalPrior, Prior, ScaleMixturePrior
 
-__all__ = ["PRIORS", "build_prior", "resolve_class"]
+__all__ = ["GUIDES", "PRIORS", "build_guide", "build_prior", "resolve_class"]
 
 PRIORS: dict[str, type[Prior]] = {
     "iid_normal": IIDNormalPrior,
     "layerwise_normal": LayerwiseNormalPrior,
     "scale_mixture": ScaleMixturePrior,
+}
+
+GUIDES: dict[str, type[SiteGuide]] = {
+    "mean_field": MeanFieldGuide,
+    "spike_slab": SpikeSlabGuide,
+    "sparse_subspace": SparseSubspaceGuide,
 }
 
 
@@ -36,17 +46,37 @@ def resolve_class(name: str, builtins: dict[str, type], kind: str) -> type:
         raise UsageError(f"cannot import {kind} class {name!r} ({err}); check the dotted path and that its package is installed") from None
 
 
+def _class_and_args(spec: Any, builtins: dict[str, type], kind: str) -> tuple[type, dict]:
+    if not isinstance(spec, dict) or "class" not in spec:
+        raise UsageError(f"{kind} spec must be a mapping with 'class' (and optional 'args'), got {spec!r}")
+    args = spec.get("args") or {}
+    if not isinstance(args, dict):
+        raise UsageError(f"{kind} {spec['class']!r}: 'args' must be a mapping of keyword arguments, got {args!r}")
+    return resolve_class(spec["class"], builtins, kind), args
+
+
 def build_prior(spec: dict[str, Any]) -> Prior:
     """A :class:`Prior` from ``{"class": ..., "args": {...}}``."""
-    if not isinstance(spec, dict) or "class" not in spec:
-        raise UsageError(f"prior spec must be a mapping with 'class' (and optional 'args'), got {spec!r}")
-    cls = resolve_class(spec["class"], PRIORS, "prior")
+    cls, args = _class_and_args(spec, PRIORS, "prior")
     if not (inspect.isclass(cls) and issubclass(cls, Prior)):
         raise UsageError(f"prior class {spec['class']!r} must subclass pyro_gbnn.priors.Prior and implement prior_dist(name, module, param)")
     if cls.prior_dist is Prior.prior_dist:
         raise UsageError(f"prior class {spec['class']!r} does not implement prior_dist(name, module, param)")
-    args = spec.get("args") or {}
     try:
         return cls(**args)
     except (TypeError, ValueError) as err:
         raise UsageError(f"prior {spec['class']!r} rejected args {args}: {err}") from None
+
+
+def build_guide(spec: dict[str, Any], bnn) -> SiteGuide:
+    """A guide for ``bnn`` from ``{"class": ..., "args": {...}}``: ``cls(bnn, **args)``."""
+    cls, args = _class_and_args(spec, GUIDES, "guide")
+    name = spec["class"]
+    if not (inspect.isclass(cls) and issubclass(cls, SiteGuide)):
+        raise UsageError(f"guide class {name!r} must subclass pyro_gbnn.guides.SiteGuide and implement distribution(name)")
+    if cls.distribution is SiteGuide.distribution:
+        raise UsageError(f"guide class {name!r} does not implement distribution(name), the q of one weight site")
+    try:
+        return cls(bnn, **args)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"guide {name!r} rejected args {args}: {err}; its __init__ must take (bnn, **args)") from None

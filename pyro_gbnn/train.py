@@ -109,16 +109,26 @@ def deterministic_step(net: nn.Module) -> Callable[[torch.Tensor, torch.Tensor],
     return step
 
 
-def elbo_step(elbo: AnalyticKL_ELBO, dataset_size: int) -> Callable[[torch.Tensor, torch.Tensor], StepResult]:
-    """Negative ELBO per datum (so learning rates do not depend on the data-set size)."""
+def elbo_step(
+    elbo: AnalyticKL_ELBO, dataset_size: int, kl_weight: Callable[[], float] | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], StepResult]:
+    """Negative ELBO per datum (so learning rates do not depend on the data-set size).
+
+    ``kl_weight()``, if given, scales the KL term at each step (KL warm-up: the objective
+    is the ELBO only once it reaches 1).
+    """
 
     def step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
         terms = elbo.terms(x, y)
+        beta = 1.0 if kl_weight is None else kl_weight()
         extra = {
             "nll": float(-terms.expected_log_likelihood.detach()) / dataset_size,
             "kl": float(terms.kl.detach()) / dataset_size,
         }
-        return StepResult(terms.loss / dataset_size, terms.logits, extra)
+        if kl_weight is not None:
+            extra["kl_weight"] = beta
+        loss = beta * terms.kl - terms.expected_log_likelihood
+        return StepResult(loss / dataset_size, terms.logits, extra)
 
     return step
 
@@ -138,8 +148,11 @@ def train_epochs(
     log: JsonLinesLog | None = None,
     progress: bool = True,
     device: torch.device | str = "cpu",
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train epochs ``start_epoch .. epochs-1``; returns the last epoch's record.
+
+    ``after_step()`` runs after every optimizer step (a guide's closed-form updates).
 
     A non-finite loss raises :class:`DivergedError` before the optimizer touches the
     parameters, so the last checkpoint stays the last good state.
@@ -163,6 +176,8 @@ def train_epochs(
             optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             schedule.step()
             n = y.shape[0]
             seen += n

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from typing import Iterator, Mapping
 
-import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
+from pyro_gbnn.guides.base import SiteGuide, site_key
 from pyro_gbnn.priors import fan_in_and_fan_out
 
 __all__ = ["MeanFieldGuide", "initial_scales", "inverse_softplus"]
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "/")
 
 
 def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +51,7 @@ def initial_scales(
     return scales
 
 
-class MeanFieldGuide(PyroModule):
+class MeanFieldGuide(SiteGuide):
     """q(w) = prod_i N(w_i | loc_i, scale_i^2), scale = softplus(rho).
 
     Parameters are plain ``nn.Parameter``s of this module (``loc/<site>``,
@@ -74,17 +68,16 @@ class MeanFieldGuide(PyroModule):
         init_scale: float | str = "xavier",
         xavier_gain: float = 0.01,
     ) -> None:
-        super().__init__()
+        super().__init__(bnn)
         init_loc = bnn.initial_values if init_loc is None else init_loc
         missing = [n for n in bnn.site_shapes if n not in init_loc]
         if missing:
             raise ValueError(f"init_loc lacks sites {missing[:5]}; pass a mapping with every Bayesian parameter")
-        self.site_shapes: OrderedDict[str, torch.Size] = bnn.site_shapes
         scales = initial_scales(bnn, init_scale, xavier_gain)
         self.loc = nn.ParameterDict(
-            {_key(n): nn.Parameter(init_loc[n].detach().clone().reshape(s)) for n, s in self.site_shapes.items()}
+            {site_key(n): nn.Parameter(init_loc[n].detach().clone().reshape(s)) for n, s in self.site_shapes.items()}
         )
-        self.rho = nn.ParameterDict({_key(n): nn.Parameter(inverse_softplus(scales[n])) for n in self.site_shapes})
+        self.rho = nn.ParameterDict({site_key(n): nn.Parameter(inverse_softplus(scales[n])) for n in self.site_shapes})
 
     def loc_parameters(self) -> Iterator[nn.Parameter]:
         """Means, which usually want a small learning rate (appendix I.4)."""
@@ -96,25 +89,17 @@ class MeanFieldGuide(PyroModule):
 
     def location(self, name: str) -> nn.Parameter:
         """The mean parameter of site ``name``."""
-        return self.loc[_key(name)]
+        return self.loc[site_key(name)]
 
     def scale(self, name: str) -> torch.Tensor:
-        return F.softplus(self.rho[_key(name)])
+        return F.softplus(self.rho[site_key(name)])
 
     def distribution(self, name: str) -> dist.Distribution:
         """q of site ``name``, event shape = the parameter's shape."""
-        loc = self.loc[_key(name)]
+        loc = self.loc[site_key(name)]
         return dist.Normal(loc, self.scale(name)).to_event(loc.dim())
-
-    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        return {name: pyro.sample(name, self.distribution(name)) for name in self.site_shapes}
-
-    @torch.no_grad()
-    def sample_weights(self, num_samples: int) -> dict[str, torch.Tensor]:
-        """``num_samples`` independent draws of every weight, shape [S, *param.shape]."""
-        return {name: self.distribution(name).sample((num_samples,)) for name in self.site_shapes}
 
     @torch.no_grad()
     def posterior_moments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(mean, std) of every weight, detached: the points 2DGBNN clusters."""
-        return {name: (self.loc[_key(name)].detach().clone(), self.scale(name).detach()) for name in self.site_shapes}
+        return {name: (self.loc[site_key(name)].detach().clone(), self.scale(name).detach()) for name in self.site_shapes}

@@ -1,0 +1,67 @@
+"""The guide protocol: one variational distribution per Bayesian weight site.
+
+A new guide is one small class. Subclass :class:`SiteGuide`, create its parameters in
+``__init__`` from ``bnn.site_shapes`` / ``bnn.initial_values`` (eagerly, so optimizers and
+checkpoints work before any data is seen) and implement :meth:`SiteGuide.distribution`,
+the q of one site. Everything else has a default that a guide may override:
+
+* ``loc_parameters()`` / ``scale_parameters()``: the two learning-rate groups of the
+  pipeline (appendix I.4 of the 2DGBNN paper: means slow, scales fast). By default every
+  parameter trains at the location rate.
+* ``kl_divergence(bnn)``: a closed-form (or bounded) KL(q || p) that the ELBO uses instead
+  of the site-by-site KL; needed when q's sites are not independent or not densities.
+* ``after_step(optimizer)``: non-gradient updates run after every optimizer step
+  (closed-form coordinate updates, changes of the active set).
+* ``sample_weights(num_samples)``: vectorised draws for prediction.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+
+__all__ = ["SiteGuide", "site_key"]
+
+
+def site_key(name: str) -> str:
+    """A site name as an ``nn.ParameterDict`` key ("." is not allowed there)."""
+    return name.replace(".", "/")
+
+
+class SiteGuide(PyroModule):
+    """Base class of guides that give each Bayesian weight site its own distribution.
+
+    ``forward`` samples every site of ``bnn`` from :meth:`distribution`, so the guide runs
+    under :class:`~pyro_gbnn.elbo.AnalyticKL_ELBO`, Pyro's own ELBOs and ``predict``.
+    """
+
+    def __init__(self, bnn) -> None:
+        super().__init__()
+        self.site_shapes: OrderedDict[str, torch.Size] = OrderedDict(bnn.site_shapes)
+
+    def distribution(self, name: str) -> dist.Distribution:
+        """q of site ``name``; its event shape is the weight's shape."""
+        raise NotImplementedError(f"{type(self).__name__} must implement distribution(name) returning q of one site")
+
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return {name: pyro.sample(name, self.distribution(name)) for name in self.site_shapes}
+
+    @torch.no_grad()
+    def sample_weights(self, num_samples: int) -> dict[str, torch.Tensor]:
+        """``num_samples`` independent draws of every weight, shape [S, *param.shape]."""
+        return {name: self.distribution(name).sample((num_samples,)) for name in self.site_shapes}
+
+    def loc_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters trained at the location learning rate (default: all of them)."""
+        scales = {id(p) for p in self.scale_parameters()}
+        return (p for p in self.parameters() if id(p) not in scales)
+
+    def scale_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters trained at the scale learning rate (default: none)."""
+        return iter(())
