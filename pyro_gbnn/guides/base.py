@@ -26,12 +26,24 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-__all__ = ["SiteGuide", "site_key"]
+__all__ = ["BufferDict", "SiteGuide", "site_key"]
 
 
 def site_key(name: str) -> str:
     """A site name as an ``nn.ParameterDict`` key ("." is not allowed there)."""
     return name.replace(".", "/")
+
+
+class BufferDict(nn.Module):
+    """Named tensors (keys may contain "/") that move with ``.to()``; in ``state_dict`` when persistent."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], persistent: bool = True) -> None:
+        super().__init__()
+        for key, value in tensors.items():
+            self.register_buffer(key, value, persistent=persistent)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._buffers[key]
 
 
 class SiteGuide(PyroModule):

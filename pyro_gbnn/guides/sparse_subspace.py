@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
-from pyro_gbnn.guides.base import SiteGuide, site_key
+from pyro_gbnn.guides.base import BufferDict, SiteGuide, site_key
 from pyro_gbnn.guides.mean_field import initial_scales, inverse_softplus
 
 __all__ = ["SparseSubspaceGuide", "removal_score", "REMOVAL_CRITERIA", "ADDITION_RULES"]
@@ -94,17 +94,6 @@ def _check_fraction(arg: str, value, zero_allowed: bool) -> None:
     if not number or not (0 <= value <= 1) or (value == 0 and not zero_allowed):
         raise ValueError(f"{arg} must be a number in {'[' if zero_allowed else '('}0, 1], got {value!r}")
 
-
-class _Buffers(nn.Module):
-    """Named buffers (keys may contain "/"), saved in the state_dict."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        for key, value in tensors.items():
-            self.register_buffer(key, value)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._buffers[key]
 
 
 class SparseSubspaceGuide(SiteGuide):
@@ -167,7 +156,7 @@ class SparseSubspaceGuide(SiteGuide):
             flat = torch.zeros(shape.numel(), dtype=torch.bool)
             flat[torch.randperm(shape.numel(), generator=generator)[: self.budget[name]]] = True
             masks[site_key(name)] = flat.view(shape)
-        self.masks = _Buffers(masks)
+        self.masks = BufferDict(masks)
         self.loc = nn.ParameterDict({
             site_key(n): nn.Parameter(bnn.initial_values[n].detach().reshape(s) * masks[site_key(n)])
             for n, s in self.site_shapes.items()

@@ -61,7 +61,7 @@ from pyro.distributions import constraints
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
-from pyro_gbnn.guides.base import SiteGuide, site_key
+from pyro_gbnn.guides.base import BufferDict, SiteGuide, site_key
 from pyro_gbnn.guides.mean_field import initial_scales, inverse_softplus
 
 __all__ = ["SpikeSlabGuide", "PrunedSpikeSlabGuide", "SpikeSlabNormal", "LOGIT_BOUND"]
@@ -80,17 +80,6 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     return t.reshape(-1)[0].clone() if t.numel() and bool((t == t.reshape(-1)[0]).all()) else t.clone().contiguous()
 
-
-class _Buffers(nn.Module):
-    """Named tensors that move with ``.to()``; in ``state_dict`` when persistent."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], persistent: bool = True) -> None:
-        super().__init__()
-        for key, value in tensors.items():
-            self.register_buffer(key, value, persistent=persistent)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._buffers[key]
 
 
 class SpikeSlabNormal(dist.TorchDistribution):
@@ -145,8 +134,8 @@ class _SlabParameters(SiteGuide):
         self.prior_inclusion = float(prior_inclusion)
         self.loc = nn.ParameterDict({site_key(n): nn.Parameter(v) for n, v in loc.items()})
         self.rho = nn.ParameterDict({site_key(n): nn.Parameter(v) for n, v in rho.items()})
-        self.prior_loc = _Buffers({site_key(n): v for n, v in prior_loc.items()}, persistent=False)
-        self.prior_scale = _Buffers({site_key(n): v for n, v in prior_scale.items()}, persistent=False)
+        self.prior_loc = BufferDict({site_key(n): v for n, v in prior_loc.items()}, persistent=False)
+        self.prior_scale = BufferDict({site_key(n): v for n, v in prior_scale.items()}, persistent=False)
 
     def loc_parameters(self) -> Iterator[nn.Parameter]:
         """Slab means mu."""
@@ -211,7 +200,7 @@ class SpikeSlabGuide(_SlabParameters):
         loc = {n: bnn.initial_values[n].detach().clone().reshape(s) for n, s in self.site_shapes.items()}
         rho = {n: inverse_softplus(scales[n]) for n in self.site_shapes}
         self._init_slab(loc, rho, prior_loc, prior_scale, prior_inclusion)
-        self.inclusion_logit = _Buffers({site_key(n): torch.full(s, start) for n, s in self.site_shapes.items()})
+        self.inclusion_logit = BufferDict({site_key(n): torch.full(s, start) for n, s in self.site_shapes.items()})
 
     def inclusion(self, name: str) -> torch.Tensor:
         """phi of site ``name``: q(gamma_i = 1), shape of the weight."""
@@ -289,7 +278,7 @@ class PrunedSpikeSlabGuide(_SlabParameters):
     def __init__(self, loc, rho, mask, prior_loc, prior_scale, prior_inclusion: float) -> None:
         super().__init__(SimpleNamespace(site_shapes=OrderedDict((n, v.shape) for n, v in loc.items())))
         self._init_slab(loc, rho, prior_loc, prior_scale, prior_inclusion)
-        self.mask = _Buffers({site_key(n): m.to(torch.bool).clone() for n, m in mask.items()})
+        self.mask = BufferDict({site_key(n): m.to(torch.bool).clone() for n, m in mask.items()})
 
     def distribution(self, name: str) -> SpikeSlabNormal:
         key = site_key(name)
