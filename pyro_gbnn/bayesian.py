@@ -118,17 +118,22 @@ class BayesianNetwork(PyroModule):
         self.estimator = estimator
         self.initial_values: dict[str, torch.Tensor] = {}
         converted = copy.deepcopy(net)
-        to_pyro_module_(converted)
         self._site_shapes: OrderedDict[str, torch.Size] = OrderedDict()
         self._site_priors: dict[str, object] = {}
         for module_name, module in converted.named_modules():
+            bayesian = not isinstance(module, NORM_LAYERS) or bayesian_norm
+            params = list(module.named_parameters(recurse=False)) if bayesian else []
+            if not params:
+                continue
+            # Only layers that own sample sites become PyroModules: the containers and the
+            # deterministic layers around them stay plain nn.Modules, so a forward pass
+            # pays Pyro's attribute and context machinery for the Bayesian layers alone.
+            to_pyro_module_(module, recurse=False)
             layer_cls = _ESTIMATED_LAYERS.get(type(module).__mro__[1])
             if layer_cls is not None:
                 module.__class__ = layer_cls
                 module.estimator = estimator
-            if isinstance(module, NORM_LAYERS) and not bayesian_norm:
-                continue
-            for param_name, param in list(module.named_parameters(recurse=False)):
+            for param_name, param in params:
                 name = f"{module_name}.{param_name}" if module_name else param_name
                 prior_dist = prior.prior_dist(name, module, param.detach())
                 self.initial_values[name] = param.detach()
@@ -142,14 +147,19 @@ class BayesianNetwork(PyroModule):
 
     @property
     def net(self) -> nn.Module:
-        """The converted network (a PyroModule); its sample sites carry the parameter names."""
+        """The converted network; its Bayesian layers are PyroModules whose sample sites
+        carry the parameter names."""
         return self._modules["net"]
 
     def _rename_sites(self) -> None:
         # Sample sites are named exactly like the source network's parameters, which is
-        # what users see in ``net.named_parameters()`` and what guides key on.
+        # what users see in ``net.named_parameters()`` and what guides key on. The
+        # Bayesian layers share this module's context, so one forward pass draws each
+        # site once, as it would if every module in between were a PyroModule.
         for module_name, module in self.net.named_modules():
-            module._pyro_name = module_name
+            if isinstance(module, PyroModule):
+                module._pyro_name = module_name
+                module._pyro_context = self._pyro_context
 
     def _pyro_set_supermodule(self, name, context):
         super()._pyro_set_supermodule(name, context)

@@ -113,3 +113,29 @@ def test_bad_estimator_and_prior_are_rejected():
         BayesianNetwork(nn.Linear(2, 2), IIDNormalPrior(), Categorical(1), estimator="lrt")
     with pytest.raises(TypeError, match="must be a pyro_gbnn.priors.Prior"):
         BayesianNetwork(nn.Linear(2, 2), dist.Normal(0, 1), Categorical(1))
+
+
+def test_only_layers_with_sites_become_pyro_modules_and_a_reused_layer_draws_once():
+    from pyro.nn import PyroModule
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+
+        def forward(self, x):
+            return self.body(self.body(x))
+
+    bnn = BayesianNetwork(Twice(), IIDNormalPrior(), Categorical(10))
+    converted = {name for name, m in bnn.net.named_modules() if isinstance(m, PyroModule)}
+    assert converted == {"body.0"}, "containers and deterministic layers stay plain nn.Modules"
+    x = torch.randn(4, 3)
+    trace = poutine.trace(bnn).get_trace(x)
+    assert [n for n, s in trace.nodes.items() if s["type"] == "sample"] == ["body.0.weight", "body.0.bias"]
+    w, b = trace.nodes["body.0.weight"]["value"], trace.nodes["body.0.bias"]["value"]
+    bn = bnn.net.body[1]
+    with torch.no_grad():
+        expected = bn(torch.nn.functional.linear(bn(torch.nn.functional.linear(x, w, b)), w, b))
+    assert torch.allclose(trace.nodes["_RETURN"]["value"], expected), "both uses of the layer see one draw"
+    bnn_norm = BayesianNetwork(Twice(), IIDNormalPrior(), Categorical(10), bayesian_norm=True)
+    assert {n for n, m in bnn_norm.net.named_modules() if isinstance(m, PyroModule)} == {"body.0", "body.1"}

@@ -108,3 +108,35 @@ def test_svi_recovers_the_exact_posterior_of_bayesian_linear_regression():
     std = guide.scale("weight").detach().squeeze(0)
     assert torch.allclose(loc, exact_mean, atol=0.15 * exact_std.max().item())
     assert torch.allclose(std, exact_std, rtol=0.1)
+
+
+def test_guide_run_without_its_pyro_context_gives_the_same_loss_unless_it_needs_the_context():
+    import pyro.distributions as dist
+    from pyro.nn import PyroModule, PyroSample
+
+    from pyro_gbnn.elbo import _guide_callable
+
+    bnn = BayesianNetwork(nn.Linear(4, 3), IIDNormalPrior(), Categorical(50), estimator="local")
+    guide = MeanFieldGuide(bnn, init_scale=0.2)
+    assert _guide_callable(guide) == guide.forward
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    elbo = AnalyticKL_ELBO(bnn, guide)
+    pyro.set_rng_seed(5)
+    direct = elbo(x, y)
+    handle = guide.register_forward_hook(lambda *args: None)  # a hook: the guide is called as usual
+    assert _guide_callable(guide) is guide
+    pyro.set_rng_seed(5)
+    called = elbo(x, y)
+    handle.remove()
+    assert torch.equal(direct, called)
+
+    class SampleAttributeGuide(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = PyroSample(dist.Normal(torch.zeros(3, 4), 0.1).to_event(2))
+
+        def forward(self, *args):
+            return {"weight": self.weight}
+
+    sample_guide = SampleAttributeGuide()
+    assert _guide_callable(sample_guide) is sample_guide

@@ -119,3 +119,14 @@ def test_non_normal_guide_draws_are_used_as_drawn_not_replaced_by_the_prior():
     assert torch.allclose(out, F.linear(x, weight, bias))
     out.sum().backward()
     assert weight.grad is not None
+
+
+def test_flipout_signs_are_the_draws_of_an_int64_randint():
+    from pyro_gbnn.reparameterization import _rademacher
+
+    like = torch.zeros(3)
+    torch.manual_seed(11)
+    signs = _rademacher(torch.Size([64, 130]), like)
+    torch.manual_seed(11)
+    expected = torch.randint(0, 2, (64, 130)).to(torch.float32).mul_(2).sub_(1)
+    assert signs.dtype == torch.float32 and torch.equal(signs, expected)
