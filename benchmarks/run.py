@@ -1,5 +1,8 @@
-"""Benchmark pyro_gbnn against TyXe, bayesian-torch and plain Pyro on ResNet-20; time 2DGBNN's
-stage-2 mixture fit and the MNIST 2DGBNN pipeline. Not part of the test suite.
+"""Benchmark pyro_gbnn against TyXe, bayesian-torch and plain Pyro, plus its GMM and pipeline.
+
+ResNet-20 training steps and predictives of every configuration, 2DGBNN's stage-2
+mixture fit against scikit-learn, and the MNIST 2DGBNN pipeline's stages. Not part of
+the test suite.
 
     pip install -e ".[bench]"
     python benchmarks/run.py --out results.json            # full (tens of minutes)
@@ -302,7 +305,6 @@ def measure_rss(names: list[str], args: argparse.Namespace, sharing: dict, plan_
 
 # ----- GMM -------------------------------------------------------------------------------
 def bench_gmm(args: argparse.Namespace) -> dict:
-    import numpy as np  # noqa: F401
     import torch
     from threadpoolctl import threadpool_limits
 
