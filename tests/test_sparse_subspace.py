@@ -329,5 +329,5 @@ def test_bad_arguments_raise_one_line_value_errors(kwargs, message):
 
 def test_a_non_normal_prior_is_rejected_by_name():
     bnn = BayesianNetwork(mlp(), ScaleMixturePrior(), Categorical(1))
-    with pytest.raises(ValueError, match="needs a Normal prior; site '0.weight' has"):
+    with pytest.raises(ValueError, match="needs a Normal prior per weight; site '0.weight' has"):
         SparseSubspaceGuide(bnn, 0.3)

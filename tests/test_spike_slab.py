@@ -321,5 +321,5 @@ def test_update_rate_outside_zero_one_is_rejected(bad):
 
 def test_non_normal_slab_prior_is_rejected():
     bnn = BayesianNetwork(nn.Linear(2, 2), ScaleMixturePrior(), Categorical(10))
-    with pytest.raises(ValueError, match=r"Normal slab prior.*'weight'.*MixtureSameFamily"):
+    with pytest.raises(ValueError, match=r"Normal prior per weight.*'weight'.*MixtureSameFamily"):
         SpikeSlabGuide(bnn)

@@ -26,12 +26,37 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-__all__ = ["BufferDict", "SiteGuide", "site_key"]
+__all__ = ["BufferDict", "SiteGuide", "normal_kl", "normal_prior", "site_key"]
 
 
 def site_key(name: str) -> str:
     """A site name as an ``nn.ParameterDict`` key ("." is not allowed there)."""
     return name.replace(".", "/")
+
+
+def normal_prior(bnn, name: str, guide: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loc, scale) of site ``name``'s Normal prior, for guides whose KL is in closed form.
+
+    A constant tensor comes back as a scalar (priors are usually expanded scalars), so
+    guides can keep it as a buffer at no memory cost; ``guide`` names the caller in the error.
+    """
+    prior = base = bnn.prior_distribution(name)
+    while isinstance(base, torch.distributions.Independent):
+        base = base.base_dist
+    if not isinstance(base, torch.distributions.Normal):
+        raise ValueError(f"{guide} needs a Normal prior per weight; site {name!r} has {type(base).__name__} "
+                         "(use iid_normal or layerwise_normal)")
+    return _compact(base.loc), _compact(base.scale)
+
+
+def normal_kl(loc: torch.Tensor, scale: torch.Tensor, prior_loc: torch.Tensor, prior_scale: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(N(loc, scale^2) || N(prior_loc, prior_scale^2))."""
+    return torch.log(prior_scale / scale) + (scale**2 + (loc - prior_loc) ** 2) / (2 * prior_scale**2) - 0.5
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t.reshape(-1)[0].clone() if t.numel() and bool((t == t.reshape(-1)[0]).all()) else t.clone().contiguous()
 
 
 class BufferDict(nn.Module):

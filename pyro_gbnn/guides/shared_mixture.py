@@ -54,6 +54,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
+from pyro_gbnn.guides.base import normal_prior
 from pyro_gbnn.guides.mean_field import inverse_softplus
 from pyro_gbnn.sharing.plan import SharingPlan
 
@@ -65,19 +66,11 @@ KL_WEIGHTINGS = ("sum", "paper")
 
 
 def _normal_prior_vectors(bnn: BayesianNetwork, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    locs, scales = [], []
-    for name in names:
-        prior = bnn.prior_distribution(name)
-        base = prior.base_dist if isinstance(prior, dist.Independent) else prior
-        if not isinstance(base, (dist.Normal, torch.distributions.Normal)):
-            raise ValueError(
-                f"2DGBNN's KL terms need a Normal prior per weight; site {name!r} has {type(base).__name__} "
-                "(use iid_normal or layerwise_normal)"
-            )
-        shape = bnn.site_shapes[name]
-        locs.append(base.loc.expand(shape).reshape(-1))
-        scales.append(base.scale.expand(shape).reshape(-1))
-    return torch.cat(locs).detach(), torch.cat(scales).detach()
+    priors = [normal_prior(bnn, name, "2DGBNN's KL") for name in names]
+    shapes = [bnn.site_shapes[name] for name in names]
+    locs = [loc.expand(shape).reshape(-1) for (loc, _), shape in zip(priors, shapes)]
+    scales = [scale.expand(shape).reshape(-1) for (_, scale), shape in zip(priors, shapes)]
+    return torch.cat(locs), torch.cat(scales)
 
 
 class SharedMixtureGuide(PyroModule):

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
-from pyro_gbnn.guides.base import BufferDict, SiteGuide, site_key
+from pyro_gbnn.guides.base import BufferDict, SiteGuide, normal_kl, normal_prior, site_key
 from pyro_gbnn.guides.mean_field import initial_scales, inverse_softplus
 
 __all__ = ["SparseSubspaceGuide", "removal_score", "REMOVAL_CRITERIA", "ADDITION_RULES"]
@@ -77,16 +77,6 @@ def removal_score(mu: torch.Tensor, sigma: torch.Tensor, criterion: str) -> torc
         d = math.sqrt(2 / math.pi) * torch.exp(-0.5 * z * z) - z * torch.erfc(z / math.sqrt(2))
         return (z + d) / torch.sqrt(1 - 2 * z * d - d * d)
     raise ValueError(f"removal criterion {criterion!r} is unknown; use one of {REMOVAL_CRITERIA}")
-
-
-def _normal_prior(bnn: BayesianNetwork, name: str, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    normal = prior = bnn.prior_distribution(name)
-    while isinstance(normal, torch.distributions.Independent):
-        normal = normal.base_dist
-    if not isinstance(normal, torch.distributions.Normal):
-        raise ValueError(f"SparseSubspaceGuide needs a Normal prior; site {name!r} has {type(prior).__name__} "
-                         "(use IIDNormalPrior or LayerwiseNormalPrior)")
-    return normal.loc.expand(shape), normal.scale.expand(shape)
 
 
 def _check_fraction(arg: str, value, zero_allowed: bool) -> None:
@@ -144,8 +134,9 @@ class SparseSubspaceGuide(SiteGuide):
         unknown = [n for n in dense_sites if n not in self.site_shapes]
         if unknown:
             raise ValueError(f"dense_sites {unknown} are not Bayesian sites; use names from {list(self.site_shapes)[:5]}")
-        for name, shape in self.site_shapes.items():
-            _normal_prior(bnn, name, shape)
+        priors = {site_key(name): normal_prior(bnn, name, "SparseSubspaceGuide") for name in self.site_shapes}
+        self.prior_loc = BufferDict({key: loc for key, (loc, _) in priors.items()}, persistent=False)
+        self.prior_scale = BufferDict({key: scale for key, (_, scale) in priors.items()}, persistent=False)
         self.removal, self.addition, self.added_scale = removal, addition, added_scale
         self.update_every, self.replacement_rate, self.total_steps = update_every, float(replacement_rate), total_steps
         self.seed = seed
@@ -205,13 +196,10 @@ class SparseSubspaceGuide(SiteGuide):
         self._grads[name] = grad.detach() + self._grads[name] if name in self._grads else grad.detach()
 
     def kl_divergence(self, bnn: BayesianNetwork) -> torch.Tensor:
-        """sum over active weights of KL(N(mu, sigma^2) || prior), the prior a Normal per weight."""
+        """sum over active weights of KL(N(mu, sigma^2) || prior); the Normal priors were read from ``bnn`` at construction."""
         total = torch.zeros(())
-        for name, shape in self.site_shapes.items():
-            key = site_key(name)
-            prior_loc, prior_scale = _normal_prior(bnn, name, shape)
-            mu, sigma = self.loc[key], F.softplus(self.rho[key])
-            kl = torch.log(prior_scale / sigma) + (sigma**2 + (mu - prior_loc) ** 2) / (2 * prior_scale**2) - 0.5
+        for key in map(site_key, self.site_shapes):
+            kl = normal_kl(self.loc[key], F.softplus(self.rho[key]), self.prior_loc[key], self.prior_scale[key])
             total = total + torch.where(self.masks[key], kl, torch.zeros_like(kl)).sum()
         return total
 

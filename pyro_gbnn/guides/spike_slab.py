@@ -61,7 +61,7 @@ from pyro.distributions import constraints
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
-from pyro_gbnn.guides.base import BufferDict, SiteGuide, site_key
+from pyro_gbnn.guides.base import BufferDict, SiteGuide, normal_kl, normal_prior, site_key
 from pyro_gbnn.guides.mean_field import initial_scales, inverse_softplus
 
 __all__ = ["SpikeSlabGuide", "PrunedSpikeSlabGuide", "SpikeSlabNormal", "LOGIT_BOUND"]
@@ -73,12 +73,6 @@ def _logit(p: float, what: str) -> float:
     if not 0.0 < p < 1.0:
         raise ValueError(f"{what} must be in the open interval (0, 1), got {p}")
     return math.log(p) - math.log1p(-p)
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """A constant tensor as a scalar (priors are often expanded scalars), else a contiguous copy."""
-    t = t.detach()
-    return t.reshape(-1)[0].clone() if t.numel() and bool((t == t.reshape(-1)[0]).all()) else t.clone().contiguous()
 
 
 
@@ -123,10 +117,6 @@ def _deployed_bytes(num_kept: int, shapes) -> int:
     return 8 * num_kept + sum(math.ceil(shape.numel() / 8) for shape in shapes)
 
 
-def _normal_kl(mu, sigma, m0, s0) -> torch.Tensor:
-    return torch.log(s0 / sigma) + (sigma**2 + (mu - m0) ** 2) / (2 * s0**2) - 0.5
-
-
 class _SlabParameters(SiteGuide):
     """mu / rho ParameterDicts and the Normal slab prior (m0, s0) of every site."""
 
@@ -150,7 +140,7 @@ class _SlabParameters(SiteGuide):
 
     def _slab_kl(self, name: str) -> torch.Tensor:
         key = site_key(name)
-        return _normal_kl(self.loc[key], self.scale(name), self.prior_loc[key], self.prior_scale[key])
+        return normal_kl(self.loc[key], self.scale(name), self.prior_loc[key], self.prior_scale[key])
 
     @torch.no_grad()
     def sample_weights(self, num_samples: int) -> dict[str, torch.Tensor]:
@@ -190,12 +180,7 @@ class SpikeSlabGuide(_SlabParameters):
         self.update_rate = float(update_rate)
         prior_loc, prior_scale = {}, {}
         for name in self.site_shapes:
-            prior = bnn.prior_distribution(name)
-            base = prior.base_dist if isinstance(prior, (dist.Independent, torch.distributions.Independent)) else prior
-            if not isinstance(base, torch.distributions.Normal):
-                raise ValueError(f"SpikeSlabGuide needs a Normal slab prior per site; site {name!r} has "
-                                 f"{type(base).__name__} (use IIDNormalPrior or LayerwiseNormalPrior)")
-            prior_loc[name], prior_scale[name] = _compact(base.loc), _compact(base.scale)
+            prior_loc[name], prior_scale[name] = normal_prior(bnn, name, "SpikeSlabGuide")
         scales = initial_scales(bnn, init_scale, xavier_gain)
         loc = {n: bnn.initial_values[n].detach().clone().reshape(s) for n, s in self.site_shapes.items()}
         rho = {n: inverse_softplus(scales[n]) for n in self.site_shapes}
