@@ -31,9 +31,10 @@ The JSON written to ``--out``:
   in CPU time of this process, all threads, which a busy machine inflates much less than
   wall time (compare them across runs with ``--threads 1``); ``minor_faults_per_step`` page faults per training step (an allocator
   noise check); ``peak_rss_mb`` ru_maxrss of a separate process that imports everything,
-  builds this configuration only and runs warm-up + ``--rss-steps`` training steps, with
-  ``baseline_rss_mb`` the same process's ru_maxrss right after imports (subtract it for
-  the configuration's own memory).
+  builds this configuration only and runs warm-up + ``--rss-steps`` training steps: the
+  median of ``--rss-repeats`` such processes (``peak_rss_mb_range`` their min and max;
+  one process's peak moves by tens of MB between runs), with ``baseline_rss_mb`` the
+  processes' ru_maxrss right after imports (subtract it for the configuration's own memory).
 - ``gmm``: :func:`pyro_gbnn.sharing.gmm.fit_gmm_2d` against scikit-learn's
   ``GaussianMixture(covariance_type="full")`` on the same (mu, sigma) points (fit time,
   final mean log-likelihood, time for ours to reach scikit-learn's within 0.1%), and
@@ -283,9 +284,13 @@ def make_plan(path: str, args: argparse.Namespace, sharing: dict) -> float:
 def measure_rss(names: list[str], args: argparse.Namespace, sharing: dict, plan_path: str | None) -> dict:
     """Peak RSS of each configuration in its own process, ``--rss-jobs`` processes at a time.
 
-    Called before this process imports torch: a child's ru_maxrss starts at its parent's
-    resident size (Linux carries it over fork and exec), which is then a few MB."""
-    results, pending = {}, list(names)
+    Each configuration is measured ``--rss-repeats`` times, the rounds interleaved; the
+    median is reported with the range (one process's peak moves by tens of MB from run
+    to run with the allocator's layout). Called before this process imports torch: a
+    child's ru_maxrss starts at its parent's resident size (Linux carries it over fork
+    and exec), which is then a few MB."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    pending = [name for _ in range(args.rss_repeats) for name in names]
     running: list[tuple[str, subprocess.Popen]] = []
     while pending or running:
         while pending and len(running) < args.rss_jobs:
@@ -296,11 +301,20 @@ def measure_rss(names: list[str], args: argparse.Namespace, sharing: dict, plan_
         name, proc = running.pop(0)
         out, err = proc.communicate()
         if proc.returncode == 0:
-            results[name] = json.loads(out.strip().splitlines()[-1])
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
         else:
-            results[name] = {"peak_rss_mb": None, "error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"}
-        print(f"rss {name}: {results[name]}", file=sys.stderr, flush=True)
-    return results
+            runs[name].append({"peak_rss_mb": None, "error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"})
+        print(f"rss {name}: {runs[name][-1]}", file=sys.stderr, flush=True)
+    return {name: _rss_summary(entries) for name, entries in runs.items()}
+
+
+def _rss_summary(entries: list[dict]) -> dict:
+    peaks = [e["peak_rss_mb"] for e in entries if e.get("peak_rss_mb") is not None]
+    if not peaks:
+        return entries[-1]
+    baselines = [e["baseline_rss_mb"] for e in entries if e.get("baseline_rss_mb") is not None]
+    return {"peak_rss_mb": round(statistics.median(peaks), 1), "peak_rss_mb_range": [min(peaks), max(peaks)],
+            "baseline_rss_mb": round(statistics.median(baselines), 1), "rss_runs": len(peaks)}
 
 
 # ----- GMM -------------------------------------------------------------------------------
@@ -395,6 +409,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=30, help="weight draws of the predictive")
     parser.add_argument("--rss-steps", type=int, default=3, help="training steps after warm-up in each memory subprocess")
     parser.add_argument("--rss-jobs", type=int, default=None, help="memory subprocesses at once (default 1, quick 2)")
+    parser.add_argument("--rss-repeats", type=int, default=None, help="memory subprocesses per configuration (default 3, quick 1)")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"), help="MNIST for the pipeline")
     parser.add_argument("--sklearn-cache", default=None, help="JSON file with scikit-learn's GMM result: read if it matches, else written")
     parser.add_argument("--no-malloc-tuning", action="store_true", help="keep glibc's default mmap/trim thresholds")
@@ -406,6 +421,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = args.rounds or (2 if args.quick else 7)
     args.steps = args.steps or (2 if args.quick else 3)
     args.rss_jobs = args.rss_jobs or (2 if args.quick else 1)
+    args.rss_repeats = args.rss_repeats or (1 if args.quick else 3)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -471,7 +487,7 @@ def settings_record(args: argparse.Namespace, sharing: dict, plan_s: float | Non
     return {
         "model": "resnet20 (pyro_gbnn.build_model('resnet20', 10, 3, 32)), batch 128, random CIFAR-shaped inputs",
         "rounds": args.rounds, "steps_per_round": args.steps, "num_samples": args.num_samples,
-        "gbnn_sharing": sharing, "gbnn_plan_build_s": plan_s, "rss_steps": args.rss_steps, "rss_jobs": args.rss_jobs,
+        "gbnn_sharing": sharing, "gbnn_plan_build_s": plan_s, "rss_steps": args.rss_steps, "rss_jobs": args.rss_jobs, "rss_repeats": args.rss_repeats,
         "optimizer": "torch.optim.Adam for every variational configuration (SGD for deterministic)",
     }
 

@@ -107,7 +107,8 @@ class SharedMixtureGuide(PyroModule):
         self.outlier_loc = nn.Parameter(plan.outlier_loc.float().clone())
         self.outlier_rho = nn.Parameter(inverse_softplus(plan.outlier_scale.float().clamp_min(1e-6)))
 
-        # Stored compactly (as in the plan) and once more as int64 for fast gathers.
+        # Stored compactly (as in the plan) and once more as int32 for the gathers of every
+        # step (index_select and indexing take int32: half the memory of int64 indices).
         self.register_buffer("inlier_component", plan.inlier_component.clone())
         self.register_buffer("ellipse_components", plan.ellipse_components.clone())
         self.register_buffer("ellipse_alphas", plan.ellipse_alphas.float().clone())
@@ -116,17 +117,23 @@ class SharedMixtureGuide(PyroModule):
         order = torch.cat([plan.outlier_index, plan.inlier_index, plan.ellipse_index]).long()
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel())
-        self.register_buffer("_gather", inverse, persistent=False)
-        self.register_buffer("_inlier_long", plan.inlier_component.long(), persistent=False)
-        self.register_buffer("_ellipse_long", plan.ellipse_components.long(), persistent=False)
+        self.register_buffer("_gather", inverse.int(), persistent=False)
+        self.register_buffer("_inlier_long", plan.inlier_component.int(), persistent=False)
+        self.register_buffer("_ellipse_long", plan.ellipse_components.int(), persistent=False)
         self.register_buffer("outlier_index", plan.outlier_index.long().clone())
         self.register_buffer("inlier_index", plan.inlier_index.long().clone())
         self.register_buffer("ellipse_index", plan.ellipse_index.long().clone())
 
+        # The weights' Normal priors, kept only where a KL term reads them: the outliers',
+        # and, for the independent semantics, every shared weight's.
         prior_loc, prior_scale = _normal_prior_vectors(bnn, list(self.site_shapes))
-        self.register_buffer("_prior_loc", prior_loc, persistent=False)
-        self.register_buffer("_prior_scale", prior_scale, persistent=False)
         self.register_buffer("_component_prior", self._component_priors(prior_loc, prior_scale), persistent=False)
+        roles = {"outlier": self.outlier_index}
+        if semantics == "independent":
+            roles |= {"inlier": self.inlier_index, "ellipse": self.ellipse_index.unsqueeze(-1)}
+        for role, index in roles.items():
+            self.register_buffer(f"_{role}_prior_loc", prior_loc[index], persistent=False)
+            self.register_buffer(f"_{role}_prior_scale", prior_scale[index], persistent=False)
         self.register_buffer("counts", plan.counts.float().clone())
 
     # ----- parameters -------------------------------------------------------------
@@ -212,7 +219,7 @@ class SharedMixtureGuide(PyroModule):
     def kl_divergence(self, bnn: BayesianNetwork | None = None) -> torch.Tensor:
         """The mixture KL term plus the outliers' KL (see the module doc for what each is)."""
         normal = torch.distributions.Normal
-        outlier_prior = normal(self._prior_loc[self.outlier_index], self._prior_scale[self.outlier_index])
+        outlier_prior = normal(self._outlier_prior_loc, self._outlier_prior_scale)
         outliers = _kl(normal(self.outlier_loc, self.outlier_scale()), outlier_prior).sum()
         return outliers + (self._tied_kl() if self.semantics == "tied" else self._independent_kl())
 
@@ -236,13 +243,12 @@ class SharedMixtureGuide(PyroModule):
         m, s = self.centre_mu, self.component_scale()
         inl = self.inlier_index
         kl_in = torch.distributions.kl_divergence(
-            normal(m[self._inlier_long], s[self._inlier_long]), normal(self._prior_loc[inl], self._prior_scale[inl])
+            normal(m[self._inlier_long], s[self._inlier_long]), normal(self._inlier_prior_loc, self._inlier_prior_scale)
         ).sum()
         kl_ell = torch.zeros((), device=m.device)
         if self.ellipse_index.numel():
-            ell = self.ellipse_index.unsqueeze(-1)
             per = torch.distributions.kl_divergence(
-                normal(m[self._ellipse_long], s[self._ellipse_long]), normal(self._prior_loc[ell], self._prior_scale[ell])
+                normal(m[self._ellipse_long], s[self._ellipse_long]), normal(self._ellipse_prior_loc, self._ellipse_prior_scale)
             )
             kl_ell = (per * self.ellipse_alphas).sum()
         total = kl_in + kl_ell
