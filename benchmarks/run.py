@@ -365,6 +365,9 @@ PIPELINE_QUICK = {
     "mean_field.epochs": 1,
     "fine_tune.epochs": 1,
     "sharing.grad_batches": 5,
+    "mean_field.eval_samples": 1,
+    "fine_tune.eval_samples": 1,
+    "predict.num_samples": 4,
 }
 
 
