@@ -40,6 +40,7 @@ _VARIATIONAL = dict(
     eval_samples=8,
     num_particles=1,
     kl_warmup_epochs=0,
+    kl_scale=1.0,
 )
 
 DEFAULTS: dict[str, Any] = {

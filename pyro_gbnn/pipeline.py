@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyro
 import torch
@@ -284,7 +284,7 @@ def _train_variational(
     """SVI on the ELBO for ``config[stage]`` epochs: means at ``lr``, scale-like parameters
     at ``lr_scale`` (appendix I.4; by default the guide's ``loc_parameters()`` and
     ``scale_parameters()``), the network's deterministic parameters at ``lr``. The KL
-    weight rises linearly to 1 over ``kl_warmup_epochs``; a guide's ``after_step(optimizer)``
+    weight rises linearly to ``kl_scale`` (1: the ELBO) over ``kl_warmup_epochs``; a guide's ``after_step(optimizer)``
     runs after every step. ``first_epoch`` offsets the data order so each stage sees fresh
     permutations."""
     section = run.config[stage]
@@ -301,8 +301,7 @@ def _train_variational(
     steps_per_epoch = len(run.loader("train"))
     schedule = make_lr_schedule(optimizer, section, steps_per_epoch)
     start = _restore_training(resume, "elbo", elbo, optimizer, schedule)
-    warmup_steps = int(section["kl_warmup_epochs"] * steps_per_epoch)
-    kl_weight = (lambda: min(1.0, (schedule.last_epoch + 1) / warmup_steps)) if warmup_steps > 0 else None
+    kl_weight = _kl_weight(stage, section, steps_per_epoch, schedule)
     guide_update = getattr(guide, "after_step", None)
     _timed_epochs(
         run,
@@ -319,6 +318,18 @@ def _train_variational(
         save_states=lambda: {"elbo": elbo.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
     )
     return elbo
+
+
+def _kl_weight(stage: str, section: dict, steps_per_epoch: int, schedule) -> Callable[[], float] | None:
+    """The KL weight of each step: ``kl_scale`` (a tempered posterior when < 1, as the SSVI
+    authors train with 0.01), reached linearly over ``kl_warmup_epochs``; None for the ELBO."""
+    scale = section["kl_scale"]
+    if not scale > 0:
+        raise UsageError(f"{stage}.kl_scale must be > 0 (1 is the plain ELBO), got {scale}")
+    warmup_steps = int(section["kl_warmup_epochs"] * steps_per_epoch)
+    if warmup_steps > 0:
+        return lambda: scale * min(1.0, (schedule.last_epoch + 1) / warmup_steps)
+    return (lambda: scale) if scale != 1.0 else None
 
 
 def _stage_mean_field(run: FitRun, net: nn.Module, resume: dict | None) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from pyro_gbnn import pipeline
 from pyro_gbnn.elbo import AnalyticKL_ELBO
+from pyro_gbnn.errors import UsageError
 from pyro_gbnn.fit import main
 from pyro_gbnn.train import elbo_step
 from tests.test_fit import kill_then_resume, tiny_config
@@ -79,6 +80,19 @@ def test_cli_runs_each_method(fake_mnist, tmp_path, capsys, method, extra, colum
     printed = capsys.readouterr().out
     assert column in printed
     assert json.loads((tmp_path / method / "metrics.json").read_text())["method"] == method
+
+
+def test_kl_scale_tempers_the_kl_after_warm_up(fake_mnist, tmp_path):
+    tempered = SSVI[:-1] + ["ssvi.kl_warmup_epochs=1", "ssvi.kl_scale=0.01"]
+    pipeline.run_fit(tiny_config(fake_mnist, "ssvi", tempered), tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    weights = [r["train_kl_weight"] for r in log if "epoch" in r]
+    assert weights[0] < 0.01 and weights[1] == pytest.approx(0.01)
+
+
+def test_kl_scale_must_be_positive(fake_mnist, tmp_path):
+    with pytest.raises(UsageError, match=r"ssvi.kl_scale must be > 0"):
+        pipeline.run_fit(tiny_config(fake_mnist, "ssvi", SSVI + ["ssvi.kl_scale=0"]), tmp_path / "run")
 
 
 def test_kl_warm_up_scales_only_the_kl_term():
