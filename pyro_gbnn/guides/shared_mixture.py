@@ -118,8 +118,8 @@ class SharedMixtureGuide(PyroModule):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel())
         self.register_buffer("_gather", inverse.int(), persistent=False)
-        self.register_buffer("_inlier_long", plan.inlier_component.int(), persistent=False)
-        self.register_buffer("_ellipse_long", plan.ellipse_components.int(), persistent=False)
+        self.register_buffer("_inlier_gather", plan.inlier_component.int(), persistent=False)
+        self.register_buffer("_ellipse_gather", plan.ellipse_components.int(), persistent=False)
         self.register_buffer("outlier_index", plan.outlier_index.long().clone())
         self.register_buffer("inlier_index", plan.inlier_index.long().clone())
         self.register_buffer("ellipse_index", plan.ellipse_index.long().clone())
@@ -160,7 +160,7 @@ class SharedMixtureGuide(PyroModule):
         """[K, 2] (loc, scale) of the weight prior each component's draw is held to (tied)."""
         k = self.num_components
         members = torch.cat([self.inlier_index, self.ellipse_index])
-        comps = torch.cat([self._inlier_long, self._ellipse_long[:, 0] if self._ellipse_long.numel() else self._inlier_long[:0]])
+        comps = torch.cat([self._inlier_gather, self._ellipse_gather[:, 0] if self._ellipse_gather.numel() else self._inlier_gather[:0]])
         site_of = torch.bucketize(members, torch.tensor(self._sizes).cumsum(0), right=True)
         n_sites = len(self._sizes)
         votes = torch.bincount(comps * n_sites + site_of, minlength=k * n_sites).view(k, n_sites)
@@ -184,8 +184,8 @@ class SharedMixtureGuide(PyroModule):
     def _tied_values(self, sample_shape: torch.Size) -> torch.Tensor:
         eps = torch.randn(*sample_shape, self.num_components, device=self.centre_mu.device)
         z = self.centre_mu + self.chol_log_diag[:, 0].exp() * eps
-        inliers = z.index_select(-1, self._inlier_long)
-        ellipses = (z[..., self._ellipse_long] * self.ellipse_alphas).sum(-1)
+        inliers = z.index_select(-1, self._inlier_gather)
+        ellipses = (z[..., self._ellipse_gather] * self.ellipse_alphas).sum(-1)
         outliers = self.outlier_loc + self.outlier_scale() * torch.randn(*sample_shape, self.outlier_loc.numel(), device=eps.device)
         return self._assemble(outliers, inliers, ellipses)
 
@@ -193,11 +193,11 @@ class SharedMixtureGuide(PyroModule):
         """Flat per-weight (loc, scale) of the ``independent`` guide, in site order."""
         m, s = self.centre_mu, self.component_scale()
         alphas = self.ellipse_alphas
-        ell_m = (m[self._ellipse_long] * alphas).sum(-1)
-        ell_second = ((s * s + m * m)[self._ellipse_long] * alphas).sum(-1)
+        ell_m = (m[self._ellipse_gather] * alphas).sum(-1)
+        ell_second = ((s * s + m * m)[self._ellipse_gather] * alphas).sum(-1)
         ell_s = (ell_second - ell_m * ell_m).clamp_min(1e-12).sqrt()
-        loc = self._assemble(self.outlier_loc, m.index_select(0, self._inlier_long), ell_m)
-        scale = self._assemble(self.outlier_scale(), s.index_select(0, self._inlier_long), ell_s)
+        loc = self._assemble(self.outlier_loc, m.index_select(0, self._inlier_gather), ell_m)
+        scale = self._assemble(self.outlier_scale(), s.index_select(0, self._inlier_gather), ell_s)
         return loc, scale
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
@@ -243,12 +243,12 @@ class SharedMixtureGuide(PyroModule):
         m, s = self.centre_mu, self.component_scale()
         inl = self.inlier_index
         kl_in = torch.distributions.kl_divergence(
-            normal(m[self._inlier_long], s[self._inlier_long]), normal(self._inlier_prior_loc, self._inlier_prior_scale)
+            normal(m[self._inlier_gather], s[self._inlier_gather]), normal(self._inlier_prior_loc, self._inlier_prior_scale)
         ).sum()
         kl_ell = torch.zeros((), device=m.device)
         if self.ellipse_index.numel():
             per = torch.distributions.kl_divergence(
-                normal(m[self._ellipse_long], s[self._ellipse_long]), normal(self._ellipse_prior_loc, self._ellipse_prior_scale)
+                normal(m[self._ellipse_gather], s[self._ellipse_gather]), normal(self._ellipse_prior_loc, self._ellipse_prior_scale)
             )
             kl_ell = (per * self.ellipse_alphas).sum()
         total = kl_in + kl_ell

@@ -85,7 +85,6 @@ def _check_fraction(arg: str, value, zero_allowed: bool) -> None:
         raise ValueError(f"{arg} must be a number in {'[' if zero_allowed else '('}0, 1], got {value!r}")
 
 
-
 class SparseSubspaceGuide(SiteGuide):
     """Mean-field Normal on an adaptive sparse subspace of exactly round(density * D) weights.
 

@@ -75,7 +75,6 @@ def _logit(p: float, what: str) -> float:
     return math.log(p) - math.log1p(-p)
 
 
-
 class SpikeSlabNormal(dist.TorchDistribution):
     """gamma * theta elementwise, theta ~ N(loc, scale^2), gamma ~ Bernoulli(probs) or a fixed 0/1 ``mask``.
 
