@@ -108,6 +108,9 @@ DEFAULTS: dict[str, Any] = {
         update_rate=1.0,
         prune_threshold=0.5,
     ),
+    # Optional SVI on the pruned spike-and-slab posterior: the kept weights' mu and sigma
+    # train, the mask stays fixed. 0 epochs: prune only.
+    "prune": dict(_VARIATIONAL, epochs=0),
     # SSVI (Li et al. 2024): VI in a sparse subspace of fixed dimension, trained from scratch.
     # See pyro_gbnn.guides.sparse_subspace.
     "ssvi": dict(

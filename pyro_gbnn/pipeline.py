@@ -445,17 +445,21 @@ def _stage_spike_slab(run: FitRun, net: nn.Module, resume: dict | None) -> None:
 
 
 def _stage_prune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
-    """Keep the weights whose posterior inclusion probability exceeds ``prune_threshold``;
-    deployed: mean and scale of each kept weight plus a one-bit mask per weight."""
+    """Keep the weights whose posterior inclusion probability exceeds ``prune_threshold``,
+    then, if ``prune.epochs`` > 0, fine-tune the kept weights' mu and sigma (the mask is
+    fixed). Deployed: mean and scale of each kept weight plus a one-bit mask per weight."""
     started = time.perf_counter()
     bnn, guide = _spike_slab_guide(run, net)
     AnalyticKL_ELBO(bnn, guide).load_state_dict(run.outputs["spike_slab"]["elbo"])
     threshold = run.config["spike_slab"]["prune_threshold"]
     pruned = guide.prune(threshold)
+    run.stage_time["prune"] = run.stage_time.get("prune", 0.0) + time.perf_counter() - started
+    output = {}
+    if run.config["prune"]["epochs"] > 0:
+        output = {"elbo": _train_variational(run, "prune", bnn, pruned, resume).state_dict()}
     others = count_trainable(bnn)
     size = (2 * pruned.num_kept() + others, guide.pruned_size_bytes(threshold) + 4 * others)
-    run.stage_time["prune"] = time.perf_counter() - started
-    run.finish_stage("prune", bnn, pruned, bnn, {}, size=size)
+    run.finish_stage("prune", bnn, pruned, bnn, output, size=size)
     run.results["prune"].update(sparsity=guide.sparsity(threshold), n_kept=pruned.num_kept())
 
 

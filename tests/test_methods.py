@@ -34,6 +34,22 @@ def test_spike_slab_reports_sparsity_before_and_after_pruning(fake_mnist, tmp_pa
     assert metrics["accuracy"] == pruned["accuracy"] and metrics["sparsity"] == pruned["sparsity"]
 
 
+def test_pruned_posterior_fine_tunes_its_kept_weights_only(fake_mnist, tmp_path):
+    config = tiny_config(fake_mnist, "spike-slab", SPIKE_SLAB + ["prune.epochs=1", "prune.lr=0.01"])
+    metrics = pipeline.run_fit(config, tmp_path / "run")
+    pruned = metrics["stages"]["prune"]
+    assert pruned["epochs"] == 1 and pruned["sparsity"] == metrics["stages"]["spike_slab"]["sparsity"]
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["outputs"]
+    before, after = state["spike_slab"]["elbo"], state["prune"]["elbo"]
+    masks = {key: mask for key, mask in after.items() if ".mask." in key}
+    assert masks and all(mask.dtype == torch.bool for mask in masks.values())
+    for key, mask in masks.items():
+        loc = after[key.replace(".mask.", ".loc.")]
+        assert not loc[~mask].any()  # pruned weights stay exactly zero
+        trained = before[key.replace(".mask.", ".loc.")][mask]
+        assert not torch.equal(loc[mask], trained)  # kept weights moved
+
+
 def test_ssvi_keeps_its_density_and_reports_training_flops(fake_mnist, tmp_path):
     metrics = pipeline.run_fit(tiny_config(fake_mnist, "ssvi", SSVI), tmp_path / "run")
     assert list(metrics["stages"]) == ["ssvi"]
@@ -59,7 +75,9 @@ def test_int8_reports_one_row_per_scale_bit_width(fake_mnist, tmp_path):
         assert row["accuracy"] > 0.3
 
 
-@pytest.mark.parametrize("method, extra, kill_after", [("spike-slab", SPIKE_SLAB, 4), ("ssvi", SSVI, 1)])
+@pytest.mark.parametrize("method, extra, kill_after", [
+    ("spike-slab", SPIKE_SLAB, 4), ("spike-slab", SPIKE_SLAB + ["prune.epochs=2"], 7), ("ssvi", SSVI, 1),
+])
 def test_new_methods_resume_exactly(fake_mnist, tmp_path, monkeypatch, method, extra, kill_after):
     config = tiny_config(fake_mnist, method, extra)
     reference = pipeline.run_fit(config, tmp_path / "reference")
