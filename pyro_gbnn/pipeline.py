@@ -458,7 +458,7 @@ def _stage_prune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     if run.config["prune"]["epochs"] > 0:
         output = {"elbo": _train_variational(run, "prune", bnn, pruned, resume).state_dict()}
     others = count_trainable(bnn)
-    size = (2 * pruned.num_kept() + others, guide.pruned_size_bytes(threshold) + 4 * others)
+    size = (2 * pruned.num_kept() + others, pruned.size_bytes() + 4 * others)
     run.finish_stage("prune", bnn, pruned, bnn, output, size=size)
     run.results["prune"].update(sparsity=guide.sparsity(threshold), n_kept=pruned.num_kept())
 

@@ -26,6 +26,8 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_gbnn.bayesian import BayesianNetwork
+
 __all__ = ["BufferDict", "SiteGuide", "normal_kl", "normal_prior", "site_key"]
 
 
@@ -34,7 +36,7 @@ def site_key(name: str) -> str:
     return name.replace(".", "/")
 
 
-def normal_prior(bnn, name: str, guide: str) -> tuple[torch.Tensor, torch.Tensor]:
+def normal_prior(bnn: BayesianNetwork, name: str, guide: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(loc, scale) of site ``name``'s Normal prior, for guides whose KL is in closed form.
 
     A constant tensor comes back as a scalar (priors are usually expanded scalars), so
