@@ -22,7 +22,13 @@ from torch import nn
 
 from pyro_gbnn.likelihoods import Categorical
 from pyro_gbnn.priors import Prior
-from pyro_gbnn.reparameterization import ESTIMATORS, flipout, local_reparameterized, weight_distribution
+from pyro_gbnn.reparameterization import (
+    ESTIMATORS,
+    flipout,
+    local_reparameterized,
+    per_feature,
+    weight_distribution,
+)
 
 __all__ = ["BayesianNetwork", "NORM_LAYERS"]
 
@@ -36,19 +42,22 @@ NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Lo
 def _estimated_forward(module, x, op) -> torch.Tensor:
     weight = module.weight
     bias = module.bias
+    feature_dim = module.feature_dim
     q = weight_distribution(weight) if module.estimator != "weight" else None
     if q is None:
-        return op(x, weight) if bias is None else op(x, weight) + bias.view((-1,) + (1,) * (x.dim() - 2))
+        out = op(x, weight)
+        return out if bias is None else out + per_feature(bias, feature_dim)
     if module.estimator == "local":
         q_bias = weight_distribution(bias) if bias is not None else None
-        return local_reparameterized(op, x, q, q_bias if q_bias is not None else bias)
-    return flipout(op, x, q, weight, bias)
+        return local_reparameterized(op, x, q, q_bias if q_bias is not None else bias, feature_dim=feature_dim)
+    return flipout(op, x, q, weight, bias, feature_dim=feature_dim)
 
 
 class BayesianLinear(PyroModule[nn.Linear]):
-    """nn.Linear whose forward honours the layer's gradient estimator."""
+    """nn.Linear whose forward honours the layer's gradient estimator, on inputs [..., in_features]."""
 
     estimator = "weight"
+    feature_dim = -1  # output [..., out_features]: a 3D [B, T, D] input keeps its bias on D
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.estimator == "weight":
@@ -60,6 +69,7 @@ class BayesianConv2d(PyroModule[nn.Conv2d]):
     """nn.Conv2d whose forward honours the layer's gradient estimator."""
 
     estimator = "weight"
+    feature_dim = -3  # output [(B,) C, H, W]
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)

@@ -7,10 +7,10 @@ random-number state, so ``resume=True`` continues a killed run and reaches the s
 result as an uninterrupted one. ``OUT`` also receives ``config.yaml``, ``log.jsonl`` and,
 at the end, ``metrics.json``.
 
-Size accounting (``n_params_trainable``, ``size_bytes``): every tensor the optimizer
-updates, counted once (for a mean-field BNN: a mean and a scale per Bayesian weight plus
-the deterministic normalisation parameters); ``size_bytes`` = 4 bytes per such value
-(fp32). Buffers (BatchNorm running statistics) are not counted. Compressed stages count
+Size accounting (``n_params_trainable``, ``size_bytes``): every value the optimizer
+updates (``requires_grad``), counted once (for a mean-field BNN: a mean and a scale per
+Bayesian weight plus the deterministic normalisation parameters; for 2DGBNN only the
+component values its semantics trains); ``size_bytes`` = 4 bytes per such value (fp32). Buffers (BatchNorm running statistics) are not counted. Compressed stages count
 what they deploy instead: spike-and-slab the kept weights, SSVI the active ones, INT8 the
 packed codes (each stage's code says how).
 """
@@ -78,7 +78,7 @@ TRAINING_STAGE = {  # the stage whose epochs ``--epochs`` sets
 
 FINAL_KEYS = (
     "accuracy", "nll", "ece", "brier", "n_params_trainable", "size_bytes",
-    "n_outliers", "n_ellipses", "n_gaussians", "size_bytes_with_index",
+    "n_outliers", "n_ellipses", "n_gaussians", "n_params_paper", "size_bytes_with_index",
     "sparsity", "density", "train_flops_ratio", "scale_bits",
 )
 
@@ -278,19 +278,16 @@ def _train_variational(
     guide: nn.Module,
     resume: dict | None,
     first_epoch: int = 0,
-    locations: list[nn.Parameter] | None = None,
-    scales: list[nn.Parameter] | None = None,
 ) -> AnalyticKL_ELBO:
     """SVI on the ELBO for ``config[stage]`` epochs: means at ``lr``, scale-like parameters
-    at ``lr_scale`` (appendix I.4; by default the guide's ``loc_parameters()`` and
+    at ``lr_scale`` (appendix I.4; the guide's ``loc_parameters()`` and
     ``scale_parameters()``), the network's deterministic parameters at ``lr``. The KL
     weight rises linearly to ``kl_scale`` (1: the ELBO) over ``kl_warmup_epochs``; a guide's ``after_step(optimizer)``
     runs after every step. ``first_epoch`` offsets the data order so each stage sees fresh
     permutations."""
     section = run.config[stage]
     elbo = AnalyticKL_ELBO(bnn, guide, num_particles=section["num_particles"])
-    locations = list(guide.loc_parameters()) if locations is None else locations
-    scales = list(guide.scale_parameters()) if scales is None else scales
+    locations, scales = list(guide.loc_parameters()), list(guide.scale_parameters())
     groups = [{"params": locations, "lr": section["lr"]}]
     if scales:
         groups.append({"params": scales, "lr": section["lr_scale"], "weight_decay": 0.0})
@@ -367,10 +364,14 @@ def accumulate_gradients(
 
 
 def sharing_metrics(plan: SharingPlan) -> dict[str, int]:
+    """The plan's counts, and the parameter count as the paper's tables give it
+    (outliers + ellipses + 2 x Gaussians), to read our rows beside the paper's."""
+    outliers, ellipses = int(plan.outlier_index.numel()), int(plan.ellipse_index.numel())
     return {
-        "n_outliers": int(plan.outlier_index.numel()),
-        "n_ellipses": int(plan.ellipse_index.numel()),
+        "n_outliers": outliers,
+        "n_ellipses": ellipses,
         "n_gaussians": plan.num_components,
+        "n_params_paper": outliers + ellipses + 2 * plan.num_components,
     }
 
 
@@ -415,11 +416,8 @@ def _stage_fine_tune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     bnn.load_state_dict(run.outputs["sharing"]["bnn"])
     plan = SharingPlan.from_state(run.outputs["sharing"]["plan"])
     guide = _shared_guide(run, bnn, plan)
-    location_names = ("centre_mu", "outlier_loc")
-    locations = [getattr(guide, name) for name in location_names]
-    scales = [p for name, p in guide.named_parameters() if name not in location_names]
     first_epoch = run.config["mean_field"]["epochs"] + 1
-    elbo = _train_variational(run, "fine_tune", bnn, guide, resume, first_epoch, locations, scales)
+    elbo = _train_variational(run, "fine_tune", bnn, guide, resume, first_epoch)
     _finish_shared_stage(run, "fine_tune", bnn, guide, elbo, plan, {"elbo": elbo.state_dict()})
 
 

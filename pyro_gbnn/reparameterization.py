@@ -11,6 +11,11 @@ runs model and guide inside :func:`record_weight_distributions`: a Pyro effect h
 that notes the Normal behind each drawn weight tensor. A layer then looks its weight up
 with :func:`weight_distribution` and, if found, applies its estimator; if not (prior
 samples, a non-Normal guide, a shared-component weight), it uses the drawn value.
+
+A layer also says along which dimension of its output the features lie, counted from the
+end (``feature_dim``: -1 for Linear on inputs of any rank, [..., F]; -3 for Conv2d,
+[..., C, H, W]), so that per-feature vectors such as the bias broadcast over every other
+dimension without a copy.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ __all__ = [
     "weight_distribution",
     "local_reparameterized",
     "flipout",
+    "per_feature",
 ]
 
 ESTIMATORS = ("weight", "local", "flipout")
@@ -94,25 +100,38 @@ def _rademacher(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
     return torch.randint(0, 2, shape, device=like.device, dtype=like.dtype).mul_(2).sub_(1)
 
 
+def per_feature(values: torch.Tensor, feature_dim: int) -> torch.Tensor:
+    """A view of ``values`` [F] that broadcasts along an output's ``feature_dim`` (counted from the end).
+
+    Counting from the end keeps the bias of a Linear on [B, T, D] inputs on the last dim
+    and that of a Conv2d on its channels, batched or not.
+    """
+    if feature_dim >= 0:
+        raise ValueError(f"feature_dim must count from the end (-1 for Linear, -3 for Conv2d), got {feature_dim}")
+    return values.view((-1,) + (1,) * (-1 - feature_dim))
+
+
 def local_reparameterized(
     op: Callable[..., torch.Tensor],
     x: torch.Tensor,
     weight: dist.Normal,
     bias: torch.Tensor | dist.Normal | None,
+    *,
+    feature_dim: int,
 ) -> torch.Tensor:
-    """Sample ``op(x, W) + b`` from its exact Gaussian marginal, independently per output.
+    """Sample ``op(x, W) + b`` from its exact Gaussian marginal, independently per output element.
 
-    ``op`` is a linear map in W (``F.linear`` or a configured ``F.conv2d``).
+    ``op`` is a linear map in W (``F.linear`` or a configured ``F.conv2d``) whose output
+    features lie along ``feature_dim`` (see :func:`per_feature`).
     mean = op(x, loc) + E[b]; var = op(x^2, scale^2) + Var[b].
     """
     mean = op(x, weight.loc)
     var = op(x * x, weight.scale * weight.scale)
     if isinstance(bias, dist.Normal):
-        shape = (-1,) + (1,) * (mean.dim() - 2)
-        mean = mean + bias.loc.view(shape)
-        var = var + (bias.scale * bias.scale).view(shape)
+        mean = mean + per_feature(bias.loc, feature_dim)
+        var = var + per_feature(bias.scale * bias.scale, feature_dim)
     elif bias is not None:
-        mean = mean + bias.view((-1,) + (1,) * (mean.dim() - 2))
+        mean = mean + per_feature(bias, feature_dim)
     return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
 
 
@@ -122,16 +141,21 @@ def flipout(
     weight: dist.Normal,
     weight_value: torch.Tensor,
     bias: torch.Tensor | None,
+    *,
+    feature_dim: int,
 ) -> torch.Tensor:
-    """op(x, loc) + op(x * s, W - loc) * r with random signs s, r per example (Wen et al. 2018).
+    """op(x, loc) + op(x * s, W - loc) * r with random signs s, r (Wen et al. 2018).
 
     ``weight_value`` is the guide's draw of W, so the perturbation W - loc is the one the
-    ELBO's KL and any Monte-Carlo term see; each example gets a sign-flipped copy of it.
+    ELBO's KL and any Monte-Carlo term see. The signs have the shapes of the input and the
+    output, one per element, as for Conv2d (and in TFP and bayesian-torch): every output
+    element's marginal is exact, and the positions of a sequence [B, T, D] are decorrelated
+    like examples, as under local reparameterization. ``feature_dim`` places the bias.
     """
     mean = op(x, weight.loc)
     sign_in = _rademacher(x.shape, x)
     perturbed = op(x * sign_in, weight_value - weight.loc)
     out = mean + perturbed * _rademacher(mean.shape, mean)
     if bias is not None:
-        out = out + bias.view((-1,) + (1,) * (out.dim() - 2))
+        out = out + per_feature(bias, feature_dim)
     return out

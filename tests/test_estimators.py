@@ -19,25 +19,26 @@ def draw_outputs(bnn, guide, x):
         return poutine.replay(bnn, trace=trace)(x)
 
 
-def analytic_moments(guide, op, x):
+def analytic_moments(guide, op, x, bias_shape):
     loc_w, scale_w = guide.loc["weight"], guide.scale("weight")
     loc_b, scale_b = guide.loc["bias"], guide.scale("bias")
-    shape = (-1,) + (1,) * (x.dim() - 2)
-    mean = op(x, loc_w) + loc_b.view(shape)
-    var = op(x * x, scale_w**2) + (scale_b**2).view(shape)
+    mean = op(x, loc_w) + loc_b.view(bias_shape)
+    var = op(x * x, scale_w**2) + (scale_b**2).view(bias_shape)
     return mean, var
 
 
+# layer, input shape, op, how the bias [F] lines up with the output's features
 CASES = {
-    "linear": (lambda: nn.Linear(5, 3), (1, 5), F.linear),
-    "conv": (lambda: nn.Conv2d(2, 3, 3, padding=1), (1, 2, 4, 4), lambda x, w: F.conv2d(x, w, padding=1)),
+    "linear": (lambda: nn.Linear(5, 3), (1, 5), F.linear, (-1,)),
+    "linear_3d": (lambda: nn.Linear(5, 3), (1, 4, 5), F.linear, (-1,)),  # [B, T, D], a transformer's MLP
+    "conv": (lambda: nn.Conv2d(2, 3, 3, padding=1), (1, 2, 4, 4), lambda x, w: F.conv2d(x, w, padding=1), (-1, 1, 1)),
 }
 
 
 @pytest.mark.parametrize("estimator", ["weight", "local", "flipout"])
 @pytest.mark.parametrize("layer", list(CASES))
 def test_output_moments_match_closed_form(estimator, layer):
-    make, shape, op = CASES[layer]
+    make, shape, op, bias_shape = CASES[layer]
     bnn = BayesianNetwork(make(), IIDNormalPrior(), Categorical(1), estimator=estimator)
     guide = MeanFieldGuide(bnn, init_scale=0.3)
     with torch.no_grad():
@@ -46,12 +47,56 @@ def test_output_moments_match_closed_form(estimator, layer):
     draws, per_call = 6000, 4
     with torch.no_grad():
         outs = torch.cat([draw_outputs(bnn, guide, x.expand(per_call, *shape[1:])) for _ in range(draws // per_call)])
-        mean, var = analytic_moments(guide, op, x)
+        mean, var = analytic_moments(guide, op, x, bias_shape)
     # Rows of one call share a weight draw (weight, flipout): count calls, not rows, so the
     # bounds are conservative. Standard errors of a Gaussian's sample mean and variance, 5 sigma.
     n = draws // per_call
     assert ((outs.mean(0) - mean[0]).abs() <= 5 * (var[0] / n).sqrt()).all()
     assert ((outs.var(0) - var[0]).abs() <= 5 * var[0] * (2 / (n - 1)) ** 0.5 + 1e-6).all()
+
+
+def pre_change_output(estimator, guide, trace, op, x):
+    """The estimators as written before the bias learned its feature dim: bias on dim 1."""
+    bias_view = (-1,) + (1,) * (x.dim() - 2)
+    loc_w, scale_w = guide.loc["weight"], guide.scale("weight")
+    bias = trace.nodes["bias"]["value"]
+    mean = op(x, loc_w)
+    if estimator == "local":
+        mean = mean + guide.loc["bias"].view(bias_view)
+        var = op(x * x, scale_w * scale_w) + (guide.scale("bias") * guide.scale("bias")).view(bias_view)
+        return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+    sign_in = torch.randint(0, 2, x.shape).to(x.dtype).mul_(2).sub_(1)
+    perturbed = op(x * sign_in, trace.nodes["weight"]["value"] - loc_w)
+    sign_out = torch.randint(0, 2, mean.shape).to(mean.dtype).mul_(2).sub_(1)
+    return mean + perturbed * sign_out + bias.view(bias_view)
+
+
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+@pytest.mark.parametrize("layer, shape", [("linear", (6, 5)), ("conv", (3, 2, 4, 4))])
+def test_2d_linear_and_conv_outputs_are_bit_identical_to_the_bias_on_dim_1(estimator, layer, shape):
+    make, _, op, _ = CASES[layer]
+    bnn = BayesianNetwork(make(), IIDNormalPrior(), Categorical(1), estimator=estimator)
+    guide = MeanFieldGuide(bnn, init_scale=0.3)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        out = draw_outputs(bnn, guide, x)
+        torch.manual_seed(5)
+        trace = poutine.trace(guide).get_trace()
+        expected = pre_change_output(estimator, guide, trace, op, x)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+def test_positions_of_a_sequence_are_decorrelated_like_examples(estimator):
+    bnn = BayesianNetwork(nn.Linear(4, 1, bias=False), IIDNormalPrior(), Categorical(1), estimator=estimator)
+    guide = MeanFieldGuide(bnn, init_scale=1.0)
+    with torch.no_grad():
+        guide.loc["weight"].zero_()
+        out = draw_outputs(bnn, guide, torch.ones(1, 4000, 4)).squeeze(-1)[0]
+    # one weight per example would make every position of the sequence identical
+    corr = torch.corrcoef(torch.stack([out[::2], out[1::2]]))[0, 1]
+    assert abs(corr) < 0.1
 
 
 def test_local_draws_are_independent_across_examples_and_flipout_decorrelates():
@@ -101,18 +146,20 @@ def test_vectorised_and_looped_predictions_agree():
     assert not torch.allclose(looped[0], looped[1]), "draws differ"
 
 
-def test_non_normal_guide_draws_are_used_as_drawn_not_replaced_by_the_prior():
+@pytest.mark.parametrize("estimator", ["local", "flipout"])
+@pytest.mark.parametrize("shape", [(5, 3), (5, 4, 3)])
+def test_non_normal_guide_draws_are_used_as_drawn_not_replaced_by_the_prior(estimator, shape):
     import pyro
     import pyro.distributions as dist
 
-    bnn = BayesianNetwork(nn.Linear(3, 2), IIDNormalPrior(), Categorical(1), estimator="local")
+    bnn = BayesianNetwork(nn.Linear(3, 2), IIDNormalPrior(), Categorical(1), estimator=estimator)
     weight, bias = torch.randn(2, 3, requires_grad=True), torch.randn(2)
 
     def delta_guide():
         pyro.sample("weight", dist.Delta(weight, event_dim=2))
         pyro.sample("bias", dist.Delta(bias, event_dim=1))
 
-    x = torch.randn(5, 3)
+    x = torch.randn(shape)
     with record_weight_distributions():
         trace = poutine.trace(delta_guide).get_trace()
         out = poutine.replay(bnn, trace=trace)(x)

@@ -1,6 +1,7 @@
 """The `fit` pipeline and command: outputs, resume equals an uninterrupted run, bad input."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,7 @@ def test_cli_runs_and_prints_the_summary(fake_mnist, tmp_path, capsys):
     [
         (["--dataset", "svhn"], "unknown dataset 'svhn'"),
         (["--model", "resnet7"], "unknown model 'resnet7'"),
+        (["--model", "vit", "--set", "model_args={patch: 7}"], "model 'vit' does not accept 'patch'; it accepts patch_size"),
         (["--method", "bayes"], "unknown method 'bayes'"),
         (["--set", "mean_field.lrr=1"], "unknown config key 'mean_field.lrr'"),
         (["--set", "nokey"], "not of the form key=value"),
@@ -249,3 +251,65 @@ def test_2dgbnn_resume_after_a_kill_in_stages_2_and_3(fake_mnist, tmp_path, monk
     resumed = kill_then_resume(config, tmp_path / "killed", monkeypatch, kill_after_saves)
     for key in ("accuracy", "nll", "ece", "n_outliers", "n_ellipses", "n_gaussians", "n_params_trainable"):
         assert resumed[key] == reference[key], key
+
+
+TINY_VIT = [  # 28x28 images in 7x7 patches: 16 tokens and a class token, one 16-wide block
+    "model=vit",
+    "model_args={patch_size: 7, num_layers: 1, num_heads: 2, hidden_dim: 16, mlp_dim: 32}",
+    "bnn.estimator=local",
+]
+
+
+def count_estimator_inputs(monkeypatch, estimator):
+    """Record the rank of every input that ``estimator`` ("local_reparameterized" or "flipout") sees."""
+    from pyro_gbnn import bayesian
+
+    ranks = []
+    original = getattr(bayesian, estimator)
+
+    def recording(op, x, *args, **kwargs):
+        ranks.append(x.dim())
+        return original(op, x, *args, **kwargs)
+
+    monkeypatch.setattr(bayesian, estimator, recording)
+    return ranks
+
+
+def assert_finite_metrics(metrics):
+    for stage, result in metrics["stages"].items():
+        for key in ("accuracy", "nll", "ece"):
+            assert math.isfinite(result[key]), (stage, key, result[key])
+
+
+def test_tiny_vit_runs_all_four_2dgbnn_stages(fake_mnist, tmp_path, monkeypatch):
+    ranks = count_estimator_inputs(monkeypatch, "local_reparameterized")
+    metrics = pipeline.run_fit(tiny_config(fake_mnist, "2dgbnn", GBNN + TINY_VIT), tmp_path / "g")
+    assert list(metrics["stages"]) == ["deterministic", "mean_field", "sharing", "fine_tune"]
+    assert_finite_metrics(metrics)
+    assert 3 in ranks, "stage 1's Normals reach the MLP blocks' Linear layers on [B, T, D]"
+    assert metrics["n_params_trainable"] < metrics["stages"]["mean_field"]["n_params_trainable"]
+
+
+def test_tiny_vit_mean_field_applies_local_reparameterization_to_token_sequences(fake_mnist, tmp_path, monkeypatch):
+    ranks = count_estimator_inputs(monkeypatch, "local_reparameterized")
+    metrics = pipeline.run_fit(tiny_config(fake_mnist, "mean-field", TINY_VIT), tmp_path / "m")
+    assert_finite_metrics(metrics)
+    assert 3 in ranks, "the MLP blocks' Linear layers see [B, T, D]"
+    assert 4 in ranks and 2 in ranks, "the patch projection and the head"
+
+
+def test_tiny_vit_takes_a_flipout_step(monkeypatch):
+    import pyro_gbnn as pg
+    from pyro_gbnn.elbo import AnalyticKL_ELBO
+
+    ranks = count_estimator_inputs(monkeypatch, "flipout")
+    net = pg.build_model("vit", 10, 1, 28, patch_size=7, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+    bnn = pg.BayesianNetwork(net, pg.IIDNormalPrior(0.0, 1.0), pg.Categorical(100), estimator="flipout")
+    guide = pg.MeanFieldGuide(bnn, init_scale=0.01)
+    optimizer = torch.optim.Adam(guide.parameters(), lr=1e-3)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    loss = AnalyticKL_ELBO(bnn, guide)(x, y) / 100
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and 3 in ranks
+    assert all(torch.isfinite(p).all() for p in guide.parameters())

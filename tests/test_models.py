@@ -82,6 +82,47 @@ def test_vit_b_16_parameter_count() -> None:
     assert n_params(build_model("vit_b_16", 1000, image_size=224)) == 86_567_656
 
 
+def vit_parameter_count(c: int, image: int, patch: int, layers: int, hidden: int, mlp: int, classes: int) -> int:
+    """Patch projection, class token, position embedding, blocks, final LayerNorm, head."""
+    tokens = (image // patch) ** 2 + 1
+    block = 2 * hidden + (3 * hidden * hidden + 3 * hidden) + (hidden * hidden + hidden) + 2 * hidden
+    block += hidden * mlp + mlp + mlp * hidden + hidden
+    embed = c * patch * patch * hidden + hidden + hidden + tokens * hidden
+    return embed + layers * block + 2 * hidden + hidden * classes + classes
+
+
+@pytest.mark.parametrize("in_channels, image_size", [(1, 28), (3, 16)])
+def test_tiny_vit_forward_shape_and_parameter_count(in_channels: int, image_size: int) -> None:
+    sizes = dict(patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    model = build_model("vit", 10, in_channels, image_size, **sizes).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, in_channels, image_size, image_size))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert n_params(model) == vit_parameter_count(in_channels, image_size, 4, 2, 16, 32, 10)
+
+
+def test_vit_defaults_are_vit_ti_sized() -> None:
+    assert n_params(build_model("vit", 10)) == vit_parameter_count(3, 32, 4, 12, 192, 768, 10)
+
+
+@pytest.mark.parametrize(
+    "name, model_args, named",
+    [
+        ("vit", {"patch": 4}, ["'patch'", "patch_size, num_layers, num_heads, hidden_dim, mlp_dim"]),
+        ("resnet20", {"stem": "cifar"}, ["'stem'", "no model_args", "resnet18, resnet50, resnet101"]),
+        ("resnet18", {"patch_size": 4}, ["'patch_size'", "accepts stem", "applies to vit"]),
+        ("vit", {"num_layers": "2"}, ["num_layers", "'2'"]),
+        ("vit", {"hidden_dim": 10, "num_heads": 4}, ["hidden_dim", "num_heads=4", "10"]),
+        ("vit", {"patch_size": 5}, ["patch_size=5", "32"]),
+    ],
+)
+def test_bad_model_args_are_named_in_one_line(name: str, model_args: dict, named: list) -> None:
+    with pytest.raises(UsageError) as info:
+        build_model(name, 10, **model_args)
+    assert "\n" not in str(info.value)
+    assert all(part in str(info.value) for part in named), str(info.value)
+
+
 def test_wide_resnet_forward_small() -> None:
     model = wide_resnet(depth=10, width=1, num_classes=5, in_channels=1).eval()
     with torch.no_grad():
@@ -108,6 +149,8 @@ def test_unknown_name_lists_models() -> None:
     [
         dict(name="vit_b_16", num_classes=10, image_size=40),
         dict(name="vit_b_16", num_classes=10, in_channels=1, image_size=32),
+        dict(name="vit_b_16", num_classes=10, image_size=32, patch_size=4),
+        dict(name="vit", num_classes=10, image_size=30),
         dict(name="resnet18", num_classes=10, stem="tiny"),
         dict(name="resnet20", num_classes=10, stem="cifar"),
         dict(name="lenet", num_classes=10, image_size=12),

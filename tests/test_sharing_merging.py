@@ -34,16 +34,16 @@ def naive_greedy(dist: torch.Tensor) -> torch.Tensor:
     return torch.tensor(partner)
 
 
-def naive_merge(means, covs, weights, tau_d):
+def naive_merge(means, covs, weights, tau_w2sq):
     """Reference loop implementation of merge rounds (barycenter, weighted)."""
     groups = [[i] for i in range(means.shape[0])]
     means, covs, weights = list(means), list(covs), list(weights)
     while True:
         k = len(means)
-        dist = pairwise_wasserstein2(torch.stack(means), torch.stack(covs)).sqrt() if k > 1 else None
+        dist = pairwise_wasserstein2(torch.stack(means), torch.stack(covs)) if k > 1 else None
         if dist is None:
             break
-        dist = dist.masked_fill(~(dist < tau_d) | torch.eye(k, dtype=torch.bool), math.inf)
+        dist = dist.masked_fill(~(dist < tau_w2sq) | torch.eye(k, dtype=torch.bool), math.inf)
         partner = naive_greedy(dist).tolist()
         if all(p < 0 for p in partner):
             break
@@ -53,7 +53,9 @@ def naive_merge(means, covs, weights, tau_d):
             if p < 0:
                 new.append((means[i], covs[i], weights[i], groups[i]))
             elif p > i:
-                m, c = merge_gaussians(means[i], covs[i], means[p], covs[p], weight1=weights[i], weight2=weights[p])
+                m, c = merge_gaussians(
+                    means[i], covs[i], means[p], covs[p], rule="barycenter", weight1=weights[i], weight2=weights[p]
+                )
                 new.append((m, c, weights[i] + weights[p], groups[i] + groups[p]))
         means, covs, weights, groups = (list(x) for x in zip(*new))
     return torch.stack(means), torch.stack(covs), torch.stack(weights), groups
@@ -75,7 +77,7 @@ def test_greedy_matching_equals_sorted_greedy():
 
 def test_two_close_merge_and_far_one_stays():
     means = on_line([0.0, 1e-4, 0.5])
-    result = merge_components(means, isotropic(3), None, None, tau_d=1e-2)
+    result = merge_components(means, isotropic(3), None, None, tau_w2sq=1e-4)
     assert isinstance(result, MergeResult)
     assert result.means.shape == (2, 2) and result.rounds == 1
     assert result.mapping.tolist() == [0, 0, 1]
@@ -84,41 +86,62 @@ def test_two_close_merge_and_far_one_stays():
     assert result.weights.tolist() == [2.0, 1.0]
 
 
+def test_authors_rule_averages_means_and_covariances_whatever_the_counts():
+    means = on_line([0.0, 1e-4])
+    covs = torch.stack([isotropic(1, 1e-6)[0], isotropic(1, 3e-6)[0]])
+    result = merge_components(means, covs, torch.tensor([1.0, 9.0], dtype=F64), None, tau_w2sq=1e-4)
+    torch.testing.assert_close(result.means[0], means.mean(0))
+    torch.testing.assert_close(result.covs[0], isotropic(1, 2e-6)[0])
+    assert result.weights.tolist() == [10.0]
+
+
 def test_none_thresholds_are_ignored():
     means = on_line([0.0, 0.3, 0.6, 5.0])
-    result = merge_components(means, isotropic(4), None, None, tau_d=None)
+    result = merge_components(means, isotropic(4), None, None, tau_w2sq=None)
     assert result.means.shape[0] == 1 and result.mapping.tolist() == [0, 0, 0, 0]
-    blocked = merge_components(means, isotropic(4), None, None, tau_d=None, tau_v=None, tau_g=None, max_rounds=0)
+    blocked = merge_components(means, isotropic(4), None, None, tau_w2sq=None, tau_var=None, tau_grad=None, max_rounds=0)
     assert blocked.means.shape[0] == 4 and blocked.rounds == 0
 
 
-def test_tau_g_blocks_merge_when_gradients_differ():
+def test_tau_grad_needs_a_small_gradient_at_both_centres():
     means = on_line([0.0, 1e-4])
-    grads = torch.tensor([0.0, 1.0], dtype=F64)
-    kept = merge_components(means, isotropic(2), None, grads, tau_d=1e-2, tau_g=0.5)
-    assert kept.means.shape[0] == 2 and kept.rounds == 0
-    merged = merge_components(means, isotropic(2), None, grads, tau_d=1e-2, tau_g=2.0)
-    assert merged.means.shape[0] == 1
-    ignored = merge_components(means, isotropic(2), None, grads, tau_d=1e-2, tau_g=None)
-    assert ignored.means.shape[0] == 1
+    grads = torch.tensor([0.1, 0.2], dtype=F64)
+    assert merge_components(means, isotropic(2), None, grads, tau_w2sq=1e-4, tau_grad=0.15).means.shape[0] == 2
+    assert merge_components(means, isotropic(2), None, grads, tau_w2sq=1e-4, tau_grad=0.25).means.shape[0] == 1
+    # Equal gradients do not help: the values are compared, not their difference.
+    same = torch.tensor([0.2, 0.2], dtype=F64)
+    assert merge_components(means, isotropic(2), None, same, tau_w2sq=1e-4, tau_grad=0.15).means.shape[0] == 2
+    assert merge_components(means, isotropic(2), None, grads, tau_w2sq=1e-4, tau_grad=None).means.shape[0] == 1
 
 
-def test_tau_v_compares_covariance_traces():
+def test_tau_var_needs_both_covariance_traces_below_it():
     means = on_line([0.0, 1e-4])
-    covs = torch.stack([isotropic(1, 1e-6)[0], isotropic(1, 2e-6)[0]])
-    assert merge_components(means, covs, None, None, tau_d=1e-2, tau_v=1e-6).means.shape[0] == 2
-    assert merge_components(means, covs, None, None, tau_d=1e-2, tau_v=3e-6).means.shape[0] == 1
+    covs = torch.stack([isotropic(1, 1e-6)[0], isotropic(1, 2e-6)[0]])  # traces 2e-6 and 4e-6
+    assert merge_components(means, covs, None, None, tau_w2sq=1e-4, tau_var=3e-6).means.shape[0] == 2
+    assert merge_components(means, covs, None, None, tau_w2sq=1e-4, tau_var=5e-6).means.shape[0] == 1
 
 
-def test_threshold_is_on_w2_not_its_square():
+def test_threshold_is_on_the_squared_w2():
     means = on_line([0.0, 0.05])  # equal covariances: W2 = 0.05, W2^2 = 0.0025
-    assert merge_components(means, isotropic(2), None, None, tau_d=0.04).means.shape[0] == 2
-    assert merge_components(means, isotropic(2), None, None, tau_d=0.06).means.shape[0] == 1
+    assert merge_components(means, isotropic(2), None, None, tau_w2sq=0.002).means.shape[0] == 2
+    assert merge_components(means, isotropic(2), None, None, tau_w2sq=0.003).means.shape[0] == 1
+
+
+def test_neighbours_restrict_pairs_to_the_nearest_centres():
+    # 0 and 1 are close in W2 (narrow, 0.1 apart); the wide component 2 sits between them,
+    # so it is the nearest centre of both, and far from both in W2.
+    means = on_line([0.0, 0.1, 0.05])
+    covs = torch.stack([isotropic(1, 1e-6)[0], isotropic(1, 1e-6)[0], isotropic(1, 1.0)[0]])
+    assert merge_components(means, covs, None, None, tau_w2sq=0.02).mapping.tolist() == [0, 0, 1]
+    assert merge_components(means, covs, None, None, tau_w2sq=0.02, neighbours=1).rounds == 0
+    assert merge_components(means, covs, None, None, tau_w2sq=0.02, neighbours=2).mapping.tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="neighbours"):
+        merge_components(means, covs, None, None, tau_w2sq=0.02, neighbours=0)
 
 
 def test_chain_of_four_ends_as_one_over_two_rounds():
     means = on_line([0.0, 0.1, 0.2, 0.3])
-    result = merge_components(means, isotropic(4), None, None, tau_d=0.25)
+    result = merge_components(means, isotropic(4), None, None, tau_w2sq=0.25**2, rule="barycenter")
     assert result.rounds == 2
     assert result.mapping.tolist() == [0, 0, 0, 0]
     torch.testing.assert_close(result.means[0], means.mean(0))
@@ -129,7 +152,7 @@ def test_mapping_composes_over_rounds_with_shuffled_components():
     perm = torch.randperm(len(xs), generator=torch.Generator().manual_seed(1))
     means = on_line(xs)[perm]
     group = torch.tensor([0] * 8 + [1] * 4)[perm]
-    result = merge_components(means, isotropic(len(xs)), None, None, tau_d=1.0)
+    result = merge_components(means, isotropic(len(xs)), None, None, tau_w2sq=1.0, rule="barycenter")
     assert result.means.shape[0] == 2 and result.rounds == 3
     # Same final component for exactly the members of one group.
     assert torch.equal(result.mapping[:, None] == result.mapping[None, :], group[:, None] == group[None, :])
@@ -146,8 +169,8 @@ def test_matches_loop_reference_and_conserves_weights():
     a = torch.randn(k, 2, 2, dtype=F64, generator=g) * 3e-3
     covs = a @ a.mT + 1e-6 * torch.eye(2, dtype=F64)
     weights = torch.rand(k, dtype=F64, generator=g) + 0.1
-    result = merge_components(means, covs, weights, None, tau_d=0.06)
-    ref_means, ref_covs, ref_weights, groups = naive_merge(means, covs, weights, 0.06)
+    result = merge_components(means, covs, weights, None, tau_w2sq=0.06**2, rule="barycenter")
+    ref_means, ref_covs, ref_weights, groups = naive_merge(means, covs, weights, 0.06**2)
     assert result.rounds >= 2 and result.means.shape[0] == len(groups)
     torch.testing.assert_close(result.weights.sum(), weights.sum())
     for new, members in enumerate(groups):
@@ -163,7 +186,7 @@ def test_moments_rule_gives_moments_of_all_members():
     means = torch.randn(6, 2, dtype=F64, generator=g) * 0.01
     covs = isotropic(6, 1e-4) * (1 + torch.rand(6, 1, 1, dtype=F64, generator=g))
     weights = torch.rand(6, dtype=F64, generator=g) + 0.5
-    result = merge_components(means, covs, weights, None, tau_d=None, rule="moments")
+    result = merge_components(means, covs, weights, None, tau_w2sq=None, rule="moments")
     p = weights / weights.sum()
     mean = (p[:, None] * means).sum(0)
     diff = means - mean
@@ -174,7 +197,7 @@ def test_moments_rule_gives_moments_of_all_members():
 
 def test_paper_rule_runs_unweighted():
     means = on_line([0.0, 1e-4])
-    result = merge_components(means, isotropic(2), torch.tensor([1.0, 3.0]), None, tau_d=1e-2, rule="paper")
+    result = merge_components(means, isotropic(2), torch.tensor([1.0, 3.0]), None, tau_w2sq=1e-4, rule="paper")
     torch.testing.assert_close(result.means[0], means.mean(0))
     spread = torch.tensor([[1e-8 / 8, 0.0], [0.0, 0.0]], dtype=F64)  # (m1 - m2)(m1 - m2)^T / 8
     torch.testing.assert_close(result.covs[0], 1.5 * isotropic(1)[0] + spread, rtol=1e-10, atol=1e-15)
@@ -182,12 +205,12 @@ def test_paper_rule_runs_unweighted():
 
 def test_bad_arguments_raise():
     means, covs = on_line([0.0, 1.0]), isotropic(2)
-    with pytest.raises(ValueError, match="barycenter, moments, paper"):
+    with pytest.raises(ValueError, match="authors, barycenter, moments, paper"):
         merge_components(means, covs, None, None, 0.1, rule="midpoint")
-    with pytest.raises(ValueError, match="tau_d"):
+    with pytest.raises(ValueError, match="tau_w2sq"):
         merge_components(means, covs, None, None, -1.0)
     with pytest.raises(ValueError, match="grad_at_centres is None"):
-        merge_components(means, covs, None, None, 0.1, tau_g=0.1)
+        merge_components(means, covs, None, None, 0.1, tau_grad=0.1)
     with pytest.raises(ValueError, match="K=2"):
         merge_components(means, covs, torch.ones(3), None, 0.1)
     with pytest.raises(ValueError, match=r"\[K, 2, 2\]"):

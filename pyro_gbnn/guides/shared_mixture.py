@@ -1,24 +1,34 @@
 """The 2DGBNN guide: inlier weights tied to K shared 2D Gaussians, outliers on their own.
 
-Trainable parameters are the K component centres (mean coordinate ``centre_mu`` and std
-coordinate ``softplus(centre_rho)``), their 2x2 covariance factors (Cholesky, positive
-diagonal), and each outlier's mean and scale. Which weight uses what is fixed by the
-stage-2 :class:`~pyro_gbnn.sharing.plan.SharingPlan` and stored as buffers.
+Each component k is a 2D Gaussian N(m_k, Sigma_k) over a weight's (mean, std): centre
+``(centre_mu, softplus(centre_rho))`` and Cholesky factor
+``[[exp(chol_log_00), 0], [chol_10, exp(chol_log_11)]]``, five values per component;
+each outlier has its own mean and scale. Which weight uses what is fixed by the stage-2
+:class:`~pyro_gbnn.sharing.plan.SharingPlan` and stored as buffers. Only the values that
+reach the objective under the chosen semantics and prior are trainable (``requires_grad``);
+the others stay at their stage-2 values and are not counted as parameters.
 
-Two sampling semantics:
+Three sampling semantics:
 
-``tied`` (default; Algorithm 1 line 28 and the authors' code). Per forward sample, one
-draw z_k ~ N(m_k, Sigma_k) per component; every inlier of component k takes the mean
-coordinate of z_k, an ellipse weight takes sum_j alpha_j z_{c_j}. The random variables
-are the K draws, so the network sees strongly correlated weights and a sample costs K
-random numbers instead of one per weight. Pick it for the paper's behaviour and the
-cheapest sampling.
+``tied`` (Algorithm 1 line 28 and the authors' code). Per forward sample, one draw
+z_k ~ N(m_k, Sigma_k) per component; every inlier of component k takes the mean
+coordinate of z_k, an ellipse weight takes sum_j alpha_j z_{c_j}. A weight's noise is
+sqrt(Sigma_k[0, 0]), the spread of the members' means; the std coordinate never reaches
+the likelihood. Trainable: centre_mu and chol_log_00 (``prior="weight"``), all five
+(``prior="anchor"``, whose 2D KL couples them).
+
+``hierarchical``. Per forward sample, one 2D draw (mu~_k, sigma~_k) ~ N(m_k, Sigma_k) per
+component, and every member weight draws its own w_i = mu~_k + |sigma~_k| eps_i. Sigma
+reaches the likelihood, all five values train, and given the component draws the weights
+are independent Normals, so local reparameterization and flipout apply. An ellipse
+weight is, given the draws, the Normal with the mean and variance of its alpha-mixture
+sum_j alpha_j N(mu~_j, sigma~_j^2) (Eq. 7): the same first two moments as drawing a
+component per weight per sample, which is all a layer's pre-activation sees under local
+reparameterization, and it keeps every weight Normal.
 
 ``independent``. Each inlier draws its own value from N(m_k, s_k^2), with (m_k, s_k) its
-component's centre: a mean-field posterior whose parameters are shared. Ellipse weights
-are Normal with the moments of their alpha-mixture. Every weight is an independent
-Normal, so local reparameterization and flipout apply. Pick it for a proper mean-field
-posterior with a guaranteed bound on its KL.
+component's centre: a mean-field posterior whose parameters are shared; ellipse weights
+are Normal with the moments of their alpha-mixture. Trainable: centre_mu and centre_rho.
 
 The KL terms of the bounded ELBO (paper Eq. 10), as :meth:`kl_divergence` returns them:
 
@@ -30,6 +40,18 @@ The KL terms of the bounded ELBO (paper Eq. 10), as :meth:`kl_divergence` return
   convexity. The term is therefore sum_k n_k KL(N(m_k, s_k^2) || p) with n_k the
   alpha-weighted member counts (computed per weight, so layer-wise priors are exact): an
   upper bound on the true KL, i.e. the objective is a lower bound on the ELBO.
+* ``hierarchical``: KL(q(w) || p(w)) <= KL(q(w, z) || p(w) q(z)) = E_z KL(q(w | z) || p(w))
+  (the chain rule of KL: marginalising z cannot increase it), a bound, tight as Sigma -> 0,
+  loose by the information the weights carry about the component draws. Given z the
+  weights are independent, so it is a sum over weights, and the ellipse weights' matched
+  Normals are bounded by their alpha-mixtures as above. For a weight of component k with
+  prior N(p_i, s_i^2):
+  E_z KL = log s_i - E log|sigma~_k| + (V_11 + m_k1^2 + V_00 + (m_k0 - p_i)^2) / (2 s_i^2) - 1/2,
+  V = Sigma_k, and E log|sigma~_k| in closed form
+  (:func:`~pyro_gbnn.guides.log_abs_normal.expected_log_abs_normal`). Sums over a
+  component's members of alpha_i, alpha_i / s_i^2, alpha_i p_i / s_i^2,
+  alpha_i p_i^2 / s_i^2 and alpha_i log s_i are computed once, so a step costs O(K).
+  The bound rewards no spread in Sigma, so training tends to narrow the components.
 * ``tied``: sum_k KL(q(z_k) || p(z_k)). With ``prior="weight"`` (default) p is the
   network's prior of a weight, on the mean coordinate (the std coordinate does not enter
   the likelihood); a component whose members span layers with different priors takes the
@@ -37,10 +59,11 @@ The KL terms of the bounded ELBO (paper Eq. 10), as :meth:`kl_divergence` return
   component itself, N(m_k^(0), Sigma_k^(0)), an empirical-Bayes anchor (the authors'
   code).
 * ``kl_weighting="paper"`` weights each component's KL by the mixture proportion pi_k as
-  Eq. 10 is printed, instead of by its member count (independent) or 1 (tied). The
-  proportions sum to one, so this shrinks the mixture term by a factor of about the number
-  of inliers (independent) or is at most the largest KL (tied): the result is no longer a
-  bound on the ELBO, only a regulariser of similar shape.
+  Eq. 10 is printed, instead of by its member count (independent, hierarchical) or 1
+  (tied). The proportions sum to one, so this shrinks the mixture term by a factor of
+  about the number of shared weights (independent, hierarchical) or is at most the
+  largest KL (tied): the result is no longer a bound on the ELBO, only a regulariser of
+  similar shape.
 """
 
 from __future__ import annotations
@@ -55,12 +78,14 @@ from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.guides.base import normal_prior
+from pyro_gbnn.guides.log_abs_normal import expected_log_abs_normal
 from pyro_gbnn.guides.mean_field import inverse_softplus
 from pyro_gbnn.sharing.plan import SharingPlan
 
-__all__ = ["SharedMixtureGuide", "SEMANTICS"]
+__all__ = ["SharedMixtureGuide", "SEMANTICS", "COMPONENT_VALUES"]
 
-SEMANTICS = ("tied", "independent")
+SEMANTICS = ("tied", "hierarchical", "independent")
+COMPONENT_VALUES = ("centre_mu", "centre_rho", "chol_log_00", "chol_10", "chol_log_11")
 PRIOR_CHOICES = ("weight", "anchor")
 KL_WEIGHTINGS = ("sum", "paper")
 
@@ -71,6 +96,14 @@ def _normal_prior_vectors(bnn: BayesianNetwork, names: list[str]) -> tuple[torch
     locs = [loc.expand(shape).reshape(-1) for (loc, _), shape in zip(priors, shapes)]
     scales = [scale.expand(shape).reshape(-1) for (_, scale), shape in zip(priors, shapes)]
     return torch.cat(locs), torch.cat(scales)
+
+
+_TRAINED = {  # (semantics, prior) -> component values that reach the objective
+    ("tied", "weight"): ("centre_mu", "chol_log_00"),
+    ("tied", "anchor"): COMPONENT_VALUES,
+    ("hierarchical", "weight"): COMPONENT_VALUES,
+    ("independent", "weight"): ("centre_mu", "centre_rho"),
+}
 
 
 class SharedMixtureGuide(PyroModule):
@@ -91,6 +124,8 @@ class SharedMixtureGuide(PyroModule):
         ):
             if value not in accepted:
                 raise ValueError(f"{what} {value!r} is unknown; use one of {accepted}")
+        if (semantics, prior) not in _TRAINED:
+            raise ValueError(f"prior {prior!r} applies to the tied semantics only; use prior 'weight' with {semantics!r}")
         if list(bnn.site_shapes) != list(plan.site_names):
             raise ValueError("the sharing plan was made for another network: its sites differ from bnn.site_shapes")
         plan.check()
@@ -100,10 +135,16 @@ class SharedMixtureGuide(PyroModule):
         self._sizes = [int(torch.Size(s).numel()) for s in self.site_shapes.values()]
         means, covs = plan.means.float(), plan.covs.float()
         chol = torch.linalg.cholesky(covs)
-        self.centre_mu = nn.Parameter(means[:, 0].clone())
-        self.centre_rho = nn.Parameter(inverse_softplus(means[:, 1].clamp_min(1e-6)))
-        self.chol_log_diag = nn.Parameter(torch.stack([chol[:, 0, 0], chol[:, 1, 1]], -1).log())
-        self.chol_offdiag = nn.Parameter(chol[:, 1, 0].clone())
+        initial = {
+            "centre_mu": means[:, 0],
+            "centre_rho": inverse_softplus(means[:, 1].clamp_min(1e-6)),
+            "chol_log_00": chol[:, 0, 0].log(),
+            "chol_10": chol[:, 1, 0],
+            "chol_log_11": chol[:, 1, 1].log(),
+        }
+        trained = _TRAINED[(semantics, prior)]
+        for name, value in initial.items():
+            setattr(self, name, nn.Parameter(value.clone(), requires_grad=name in trained))
         self.outlier_loc = nn.Parameter(plan.outlier_loc.float().clone())
         self.outlier_rho = nn.Parameter(inverse_softplus(plan.outlier_scale.float().clamp_min(1e-6)))
 
@@ -125,7 +166,7 @@ class SharedMixtureGuide(PyroModule):
         self.register_buffer("ellipse_index", plan.ellipse_index.long().clone())
 
         # The weights' Normal priors, kept only where a KL term reads them: the outliers',
-        # and, for the independent semantics, every shared weight's.
+        # every shared weight's (independent), or per-component sums over them (hierarchical).
         prior_loc, prior_scale = _normal_prior_vectors(bnn, list(self.site_shapes))
         self.register_buffer("_component_prior", self._component_priors(prior_loc, prior_scale), persistent=False)
         roles = {"outlier": self.outlier_index}
@@ -134,6 +175,8 @@ class SharedMixtureGuide(PyroModule):
         for role, index in roles.items():
             self.register_buffer(f"_{role}_prior_loc", prior_loc[index], persistent=False)
             self.register_buffer(f"_{role}_prior_scale", prior_scale[index], persistent=False)
+        if semantics == "hierarchical":
+            self.register_buffer("_prior_sums", self._member_prior_sums(prior_loc, prior_scale), persistent=False)
         self.register_buffer("counts", plan.counts.float().clone())
 
     # ----- parameters -------------------------------------------------------------
@@ -141,20 +184,36 @@ class SharedMixtureGuide(PyroModule):
     def num_components(self) -> int:
         return int(self.centre_mu.shape[0])
 
+    def loc_parameters(self) -> list[nn.Parameter]:
+        """Trainable means (component mean coordinates, outlier means): the ``lr`` group."""
+        return [p for p in (self.centre_mu, self.outlier_loc) if p.requires_grad]
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """Every other trainable value (std coordinates, covariance factors): the ``lr_scale`` group."""
+        locations = {id(p) for p in self.loc_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in locations]
+
     def component_scale(self) -> torch.Tensor:
         """Std coordinate s_k of each centre (the weight std under ``independent``)."""
         return F.softplus(self.centre_rho)
 
     def component_cholesky(self) -> torch.Tensor:
         """[K, 2, 2] lower-triangular factors of the component covariances."""
-        diag = self.chol_log_diag.exp()
-        zero = torch.zeros_like(self.chol_offdiag)
+        zero = torch.zeros_like(self.chol_10)
         return torch.stack(
-            [torch.stack([diag[:, 0], zero], -1), torch.stack([self.chol_offdiag, diag[:, 1]], -1)], -2
+            [torch.stack([self.chol_log_00.exp(), zero], -1), torch.stack([self.chol_10, self.chol_log_11.exp()], -1)], -2
         )
 
     def outlier_scale(self) -> torch.Tensor:
         return F.softplus(self.outlier_rho)
+
+    def _members(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weight index, component, alpha) of every shared weight's link to a component."""
+        k = self._ellipse_gather.shape[1] if self._ellipse_gather.dim() == 2 else 0
+        weights = torch.cat([self.inlier_index, self.ellipse_index.repeat_interleave(k)])
+        comps = torch.cat([self._inlier_gather, self._ellipse_gather.reshape(-1)]).long()
+        alphas = torch.cat([torch.ones(self.inlier_index.numel()), self.ellipse_alphas.reshape(-1)])
+        return weights, comps, alphas
 
     def _component_priors(self, prior_loc: torch.Tensor, prior_scale: torch.Tensor) -> torch.Tensor:
         """[K, 2] (loc, scale) of the weight prior each component's draw is held to (tied)."""
@@ -168,6 +227,15 @@ class SharedMixtureGuide(PyroModule):
         offsets = torch.tensor([0] + self._sizes[:-1]).cumsum(0)
         first_weight = offsets[major_site]
         return torch.stack([prior_loc[first_weight], prior_scale[first_weight]], -1)
+
+    def _member_prior_sums(self, prior_loc: torch.Tensor, prior_scale: torch.Tensor) -> torch.Tensor:
+        """[5, K] float64 sums over each component's members of alpha, alpha/s^2,
+        alpha p/s^2, alpha p^2/s^2 and alpha log s (p, s: a member's prior loc and scale)."""
+        weights, comps, alphas = self._members()
+        p, s = prior_loc[weights].double(), prior_scale[weights].double()
+        a, precision = alphas.double(), 1.0 / (s * s)
+        terms = torch.stack([a, a * precision, a * p * precision, a * p * p * precision, a * s.log()])
+        return torch.zeros(5, self.num_components, dtype=torch.float64).index_add_(1, comps, terms)
 
     # ----- sampling ---------------------------------------------------------------
     def _assemble(self, outliers: torch.Tensor, inliers: torch.Tensor, ellipses: torch.Tensor) -> torch.Tensor:
@@ -183,28 +251,47 @@ class SharedMixtureGuide(PyroModule):
 
     def _tied_values(self, sample_shape: torch.Size) -> torch.Tensor:
         eps = torch.randn(*sample_shape, self.num_components, device=self.centre_mu.device)
-        z = self.centre_mu + self.chol_log_diag[:, 0].exp() * eps
+        z = self.centre_mu + self.chol_log_00.exp() * eps
         inliers = z.index_select(-1, self._inlier_gather)
         ellipses = (z[..., self._ellipse_gather] * self.ellipse_alphas).sum(-1)
         outliers = self.outlier_loc + self.outlier_scale() * torch.randn(*sample_shape, self.outlier_loc.numel(), device=eps.device)
         return self._assemble(outliers, inliers, ellipses)
 
+    def _component_draws(self, sample_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu~, |sigma~|), each [*sample_shape, K]: one 2D draw from every component."""
+        eps = torch.randn(*sample_shape, 2, self.num_components, device=self.centre_mu.device)
+        mu = self.centre_mu + self.chol_log_00.exp() * eps[..., 0, :]
+        sigma = self.component_scale() + self.chol_10 * eps[..., 0, :] + self.chol_log_11.exp() * eps[..., 1, :]
+        return mu, sigma.abs()
+
+    def _weight_moments_given(self, m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat per-weight (loc, scale) when component k's weights are N(m_k, s_k^2)."""
+        alphas = self.ellipse_alphas
+        ell_m = (m[..., self._ellipse_gather] * alphas).sum(-1)
+        ell_second = ((s * s + m * m)[..., self._ellipse_gather] * alphas).sum(-1)
+        ell_s = (ell_second - ell_m * ell_m).clamp_min(1e-12).sqrt()
+        lead = m.shape[:-1]
+        loc = self._assemble(self.outlier_loc.expand(*lead, -1), m.index_select(-1, self._inlier_gather), ell_m)
+        scale = self._assemble(self.outlier_scale().expand(*lead, -1), s.index_select(-1, self._inlier_gather), ell_s)
+        return loc, scale
+
     def weight_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat per-weight (loc, scale) of the ``independent`` guide, in site order."""
-        m, s = self.centre_mu, self.component_scale()
-        alphas = self.ellipse_alphas
-        ell_m = (m[self._ellipse_gather] * alphas).sum(-1)
-        ell_second = ((s * s + m * m)[self._ellipse_gather] * alphas).sum(-1)
-        ell_s = (ell_second - ell_m * ell_m).clamp_min(1e-12).sqrt()
-        loc = self._assemble(self.outlier_loc, m.index_select(0, self._inlier_gather), ell_m)
-        scale = self._assemble(self.outlier_scale(), s.index_select(0, self._inlier_gather), ell_s)
-        return loc, scale
+        return self._weight_moments_given(self.centre_mu, self.component_scale())
+
+    def _normal_moments(self, sample_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-weight Normal (loc, scale) of one draw: given the component draws (hierarchical)."""
+        if self.semantics == "hierarchical":
+            loc, scale = self._weight_moments_given(*self._component_draws(sample_shape))
+            return loc, scale.clamp_min(1e-12)
+        loc, scale = self.weight_moments()
+        return loc.expand(*sample_shape, -1), scale.expand(*sample_shape, -1)
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         if self.semantics == "tied":
             values = self._split(self._tied_values(torch.Size()))
             return {n: pyro.sample(n, dist.Delta(v, event_dim=v.dim())) for n, v in values.items()}
-        locs, scales = (self._split(t) for t in self.weight_moments())
+        locs, scales = (self._split(t) for t in self._normal_moments(torch.Size()))
         return {n: pyro.sample(n, dist.Normal(locs[n], scales[n]).to_event(locs[n].dim())) for n in self.site_shapes}
 
     @torch.no_grad()
@@ -212,8 +299,8 @@ class SharedMixtureGuide(PyroModule):
         """``num_samples`` draws of every weight, [S, *shape], vectorised."""
         if self.semantics == "tied":
             return self._split(self._tied_values(torch.Size([num_samples])))
-        loc, scale = self.weight_moments()
-        return self._split(loc + scale * torch.randn(num_samples, loc.numel(), device=loc.device))
+        loc, scale = self._normal_moments(torch.Size([num_samples]))
+        return self._split(loc + scale * torch.randn_like(loc))
 
     # ----- KL -----------------------------------------------------------------------
     def kl_divergence(self, bnn: BayesianNetwork | None = None) -> torch.Tensor:
@@ -221,7 +308,14 @@ class SharedMixtureGuide(PyroModule):
         normal = torch.distributions.Normal
         outlier_prior = normal(self._outlier_prior_loc, self._outlier_prior_scale)
         outliers = _kl(normal(self.outlier_loc, self.outlier_scale()), outlier_prior).sum()
-        return outliers + (self._tied_kl() if self.semantics == "tied" else self._independent_kl())
+        shared = {"tied": self._tied_kl, "hierarchical": self._hierarchical_kl, "independent": self._independent_kl}
+        return outliers + shared[self.semantics]()
+
+    def _per_shared_weight(self, total: torch.Tensor) -> torch.Tensor:
+        """``kl_weighting="paper"``: the mixture term divided by the number of shared weights."""
+        if self.kl_weighting == "paper":
+            return total / max(1, self.inlier_index.numel() + self.ellipse_index.numel())
+        return total
 
     def _tied_kl(self) -> torch.Tensor:
         if self.prior_choice == "anchor":
@@ -231,17 +325,25 @@ class SharedMixtureGuide(PyroModule):
             p = torch.distributions.MultivariateNormal(self.anchor_means, covariance_matrix=self.anchor_covs)
             per_component = torch.distributions.kl_divergence(q, p)
         else:
-            q = torch.distributions.Normal(self.centre_mu, self.chol_log_diag[:, 0].exp())
+            q = torch.distributions.Normal(self.centre_mu, self.chol_log_00.exp())
             p = torch.distributions.Normal(self._component_prior[:, 0], self._component_prior[:, 1])
             per_component = torch.distributions.kl_divergence(q, p)
         if self.kl_weighting == "paper":
             return (per_component * self.counts / self.counts.sum().clamp_min(1e-12)).sum()
         return per_component.sum()
 
+    def _hierarchical_kl(self) -> torch.Tensor:
+        count, precision, loc_precision, loc2_precision, log_scale = self._prior_sums.to(self.centre_mu.dtype)
+        m0, m1 = self.centre_mu, self.component_scale()
+        v00 = self.chol_log_00.exp().square()
+        v11 = self.chol_10.square() + self.chol_log_11.exp().square()
+        second_moments = (m1 * m1 + v11 + m0 * m0 + v00) * precision - 2 * m0 * loc_precision + loc2_precision
+        per_component = log_scale - count * expected_log_abs_normal(m1, v11) + 0.5 * second_moments - 0.5 * count
+        return self._per_shared_weight(per_component.sum())
+
     def _independent_kl(self) -> torch.Tensor:
         normal = torch.distributions.Normal
         m, s = self.centre_mu, self.component_scale()
-        inl = self.inlier_index
         kl_in = torch.distributions.kl_divergence(
             normal(m[self._inlier_gather], s[self._inlier_gather]), normal(self._inlier_prior_loc, self._inlier_prior_scale)
         ).sum()
@@ -251,7 +353,4 @@ class SharedMixtureGuide(PyroModule):
                 normal(m[self._ellipse_gather], s[self._ellipse_gather]), normal(self._ellipse_prior_loc, self._ellipse_prior_scale)
             )
             kl_ell = (per * self.ellipse_alphas).sum()
-        total = kl_in + kl_ell
-        if self.kl_weighting == "paper":
-            return total / max(1, inl.numel() + self.ellipse_index.numel())
-        return total
+        return self._per_shared_weight(kl_in + kl_ell)

@@ -23,7 +23,7 @@ from pyro_gbnn.sharing.gaussians import (
     _inverse_entries,
 )
 
-__all__ = ["CHI2_2DOF_95", "ellipse_mask", "blend_weights"]
+__all__ = ["CHI2_2DOF_95", "ellipse_mask", "blend_weights", "nearest_components"]
 
 CHI2_2DOF_95 = -2.0 * math.log(0.05)
 """95% quantile of chi-square with 2 degrees of freedom, ``-2 ln 0.05 = 5.99146...``.
@@ -116,8 +116,32 @@ def blend_weights(
         (indices [N, k'] long, alphas [N, k'] in the points' dtype) with k' = min(k, K);
         columns are ordered by increasing Mahalanobis distance and each alpha row sums to 1.
     """
-    n_comp = _check_gaussians(means, covs, definite=True)
+    _check_gaussians(means, covs, definite=True)
     _check_points(points, means.dtype)
+    idx, d2 = _nearest_components(points, means, covs, k, chunk_size)
+    log_norm = -_LOG_2PI - 0.5 * _det(covs).log()
+    return idx, torch.softmax(-0.5 * d2 + log_norm[idx], dim=1)
+
+
+def nearest_components(
+    points: Tensor, means: Tensor, covs: Tensor, k: int = 1, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The k components nearest to each point by squared Mahalanobis distance, and those distances.
+
+    Same chunked search as :func:`blend_weights` (memory bounded for millions of points
+    and thousands of components).
+
+    Returns:
+        (indices [N, k'] long, squared distances [N, k'] in the points' dtype), k' = min(k, K),
+        columns by increasing distance.
+    """
+    _check_gaussians(means, covs, definite=True)
+    _check_points(points, means.dtype)
+    return _nearest_components(points, means, covs, k, chunk_size)
+
+
+def _nearest_components(points: Tensor, means: Tensor, covs: Tensor, k: int, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+    n_comp = means.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise UsageError(f"k must be an integer >= 1 (components to blend), got {k!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -130,11 +154,10 @@ def blend_weights(
         chunk_size = max(1, _CHUNK_ELEMENTS // n_comp)
     chunk_size = min(chunk_size, max(n, 1))
     p00, p01, p11 = _inverse_entries(covs)
-    log_norm = -_LOG_2PI - 0.5 * _det(covs).log()
     ref, coef = _quadratic_form(means, covs)
     buf = torch.empty((chunk_size, n_comp), dtype=coef.dtype, device=points.device)
     indices = torch.empty((n, kk), dtype=torch.long, device=points.device)
-    alphas = torch.empty((n, kk), dtype=points.dtype, device=points.device)
+    distances = torch.empty((n, kk), dtype=points.dtype, device=points.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         chunk = points[start:stop]
@@ -149,8 +172,8 @@ def blend_weights(
         d2, order = torch.sort(d2, dim=1)
         idx = idx.gather(1, order)
         indices[start:stop] = idx
-        alphas[start:stop] = torch.softmax(-0.5 * d2 + log_norm[idx], dim=1)
-    return indices, alphas
+        distances[start:stop] = d2
+    return indices, distances
 
 
 def _quadratic_form(means: Tensor, covs: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pyro_gbnn.sharing.blending import blend_weights, ellipse_mask
+from pyro_gbnn.sharing.blending import blend_weights, ellipse_mask, nearest_components
 from pyro_gbnn.sharing.gmm import fit_gmm_2d, gmm_assign
 from pyro_gbnn.sharing.merging import merge_components
 from pyro_gbnn.sharing.outliers import dissolve_small_clusters, outlier_mask
@@ -28,9 +28,12 @@ __all__ = ["SharingSettings", "build_sharing_plan"]
 class SharingSettings:
     """Stage-2 settings (paper defaults from section 4 and appendices E, H, I.5).
 
-    ``merge_tau_d`` compares the W2 distance (square root of Eq. 4); ``merge_tau_g`` the
-    difference of the members' mean gradient magnitude at the two centres; ``merge_tau_v``
-    the difference of the covariance traces. None switches a threshold off.
+    Merging (see :mod:`pyro_gbnn.sharing.merging`) follows the authors' released code: a
+    pair merges when its squared W2 distance is below ``merge_tau_w2sq`` (App. H: 1.5e-7),
+    it is among each other's ``merge_neighbours`` nearest centres, the gradient step
+    ``|grad| x merge_grad_lr`` at both centres is below ``merge_tau_grad_step`` and both
+    covariance traces are below ``merge_tau_var``; ``merge_rule`` says how a pair becomes
+    one (``authors``: averaged means and covariances). None switches a test off.
     """
 
     tau_w: float | None = 0.2
@@ -38,10 +41,12 @@ class SharingSettings:
     num_components: int = 2000
     min_cluster_size: int = 30
     merge: bool = True
-    merge_tau_d: float | None = 0.01
-    merge_tau_g: float | None = None
-    merge_tau_v: float | None = None
-    merge_rule: str = "barycenter"
+    merge_rule: str = "authors"
+    merge_tau_w2sq: float | None = 1.5e-7
+    merge_neighbours: int | None = 3
+    merge_tau_grad_step: float | None = 0.15
+    merge_grad_lr: float = 1e-5
+    merge_tau_var: float | None = 1e-3
     blend: bool = True
     blend_k: int = 5
     mahalanobis_threshold: float = 5.991
@@ -68,6 +73,28 @@ def _flatten(moments: dict[str, tuple[torch.Tensor, torch.Tensor]], gradients: d
         grad = torch.cat([gradients[n].reshape(-1) for n in names]).detach().float().cpu().abs()
     shapes = [list(moments[n][0].shape) for n in names]
     return names, shapes, loc, scale, grad
+
+
+def _assign_to_ellipses(
+    points: torch.Tensor, means: torch.Tensor, covs: torch.Tensor, assign: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ellipse weights are the points outside *every* component's ellipse (Eq. 7).
+
+    A point outside its own component's ellipse but inside another's moves to the nearest
+    (Mahalanobis) component; the rest are returned as ellipse weights to blend.
+
+    Returns:
+        (assignments [N] long, ellipse [N] bool).
+    """
+    outside = ellipse_mask(points, means, covs, assign, threshold)
+    where = outside.nonzero().squeeze(-1)
+    nearest, d2 = nearest_components(points[where], means, covs, 1)
+    held = d2[:, 0] <= threshold
+    assign = assign.clone()
+    assign[where[held]] = nearest[held, 0]
+    ellipse = torch.zeros_like(outside)
+    ellipse[where[~held]] = True
+    return assign, ellipse
 
 
 def build_sharing_plan(
@@ -108,25 +135,32 @@ def build_sharing_plan(
     if settings.merge and means.shape[0] > 1:
         member_grad = grad[inlier_pos].double() if grad is not None else torch.zeros(inlier_pos.numel(), dtype=torch.float64)
         grad_sum = torch.zeros(means.shape[0], dtype=torch.float64).index_add_(0, assign, member_grad)
-        grad_at_centres = grad_sum / counts.clamp_min(1)
+        step_at_centres = grad_sum / counts.clamp_min(1) * settings.merge_grad_lr
         merged = merge_components(
-            means, covs, counts, grad_at_centres if grad is not None else None,
-            settings.merge_tau_d, settings.merge_tau_g, settings.merge_tau_v, rule=settings.merge_rule,
+            means, covs, counts, step_at_centres if grad is not None else None, settings.merge_tau_w2sq,
+            neighbours=settings.merge_neighbours,
+            tau_grad=settings.merge_tau_grad_step if grad is not None else None,
+            tau_var=settings.merge_tau_var,
+            rule=settings.merge_rule,
         )
-        means, covs, counts, assign = merged.means, merged.covs, merged.weights, merged.mapping[assign]
+        means, covs, counts = merged.means, merged.covs, merged.weights
         report["merge_rounds"] = merged.rounds
+        if merged.rounds:
+            assign, _ = gmm_assign(points, counts / counts.sum(), means, covs, settings.gmm_batch_size)
+            _, kept, remap = dissolve_small_clusters(assign, means.shape[0], 1)
+            means, covs, assign = means[kept], covs[kept], remap[assign]
     report["n_gaussians"] = int(means.shape[0])
 
     comp_dtype = index_dtype(means.shape[0])
     if settings.blend and means.shape[0] > 1:
-        ellipse = ellipse_mask(points, means, covs, assign, settings.mahalanobis_threshold)
+        assign, ellipse = _assign_to_ellipses(points, means, covs, assign, settings.mahalanobis_threshold)
         ell_comps, ell_alphas = blend_weights(points[ellipse], means, covs, settings.blend_k)
-        counts = counts - torch.bincount(assign[ellipse], minlength=means.shape[0]).double()
-        counts = counts.index_add_(0, ell_comps.reshape(-1), ell_alphas.reshape(-1).double())
     else:
         ellipse = torch.zeros(points.shape[0], dtype=torch.bool)
         ell_comps = torch.zeros(0, 1, dtype=torch.int64)
         ell_alphas = torch.zeros(0, 1)
+    counts = torch.bincount(assign[~ellipse], minlength=means.shape[0]).double()
+    counts = counts.index_add_(0, ell_comps.reshape(-1), ell_alphas.reshape(-1).double())
 
     outlier_pos = outliers.nonzero().squeeze(-1)
     plan = SharingPlan(

@@ -26,6 +26,7 @@ from torch import Tensor
 from pyro_gbnn.errors import UsageError
 
 __all__ = [
+    "EQUAL_WEIGHT_RULES",
     "MERGE_RULES",
     "sqrtm_2x2",
     "wasserstein2",
@@ -35,8 +36,11 @@ __all__ = [
     "log_density",
 ]
 
-MERGE_RULES = ("barycenter", "moments", "paper")
+MERGE_RULES = ("authors", "barycenter", "moments", "paper")
 """Accepted ``rule`` names of :func:`merge_gaussians`."""
+
+EQUAL_WEIGHT_RULES = ("authors", "paper")
+"""Rules that average the pair with weight 1/2 each, whatever the members' counts."""
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -268,7 +272,7 @@ def merge_gaussians(
     weight1: Tensor | float | None = None,
     weight2: Tensor | float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Merge pairs of 2D Gaussians into one, by one of three rules.
+    """Merge pairs of 2D Gaussians into one, by one of four rules.
 
     * ``"barycenter"`` (default): the W2 barycenter, i.e. the point at t = w2 / (w1 + w2)
       (1/2 without weights) on the W2 geodesic (McCann interpolant) from N1 to N2: mean
@@ -281,6 +285,9 @@ def merge_gaussians(
     * ``"moments"``: moment matching of the mixture p N1 + (1-p) N2 with p = w1/(w1+w2):
       mean ``p m1 + (1-p) m2``, cov ``p S1 + (1-p) S2 + p(1-p)(m1-m2)(m1-m2)^T``. This is
       associative, so merging members in any order gives the moments of all of them.
+    * ``"authors"``: the plain average the authors' released code uses, mean
+      ``(m1+m2)/2`` (Eq. 5) and cov ``(S1+S2)/2`` (the first term of Eq. 6). Identical
+      inputs come back unchanged; equal weights only.
     * ``"paper"``: Eqs. 5-6 exactly as printed: mean ``(m1+m2)/2``, cov
       ``(S1+S2)/2 + (m1-m2)(m1-m2)^T/8 + (S1^1/2 S2 S1^1/2)^1/2 / 2``. Note that for
       identical inputs this returns ``1.5 S``, so it is not the barycenter the paper cites
@@ -303,8 +310,8 @@ def merge_gaussians(
     _check_mean(mean2, "mean2")
     _check_cov(cov1, "cov1")
     _check_cov(cov2, "cov2")
-    if rule == "paper" and (weight1 is not None or weight2 is not None):
-        raise UsageError("rule='paper' (Eqs. 5-6) merges with equal weights only; drop weight1/weight2 "
+    if rule in EQUAL_WEIGHT_RULES and (weight1 is not None or weight2 is not None):
+        raise UsageError(f"rule={rule!r} merges with equal weights only; drop weight1/weight2 "
                          "or use rule='barycenter' or 'moments'")
     t = _resolve_weights(weight1, weight2, mean1)
     return _merge(mean1, cov1, mean2, cov2, rule, t)
@@ -314,6 +321,8 @@ def _merge(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor, rule: str, 
     """Unchecked merge; t = w2 / (w1 + w2) broadcastable to the batch shape."""
     diff = mean1 - mean2
     outer = diff[..., :, None] * diff[..., None, :]
+    if rule == "authors":
+        return (mean1 + mean2) / 2, (cov1 + cov2) / 2
     if rule == "paper":
         mean = (mean1 + mean2) / 2
         root = _sqrtm(cov1)

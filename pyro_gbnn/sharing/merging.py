@@ -1,15 +1,20 @@
 """Merging of close mixture components (Sec. 4.2 "Merging Gaussians", Alg. 1 lines 18-24, App. H).
 
-After the mixture is fitted, components that are nearly the same distribution, see nearly
-the same gradient and have nearly the same spread are merged, repeatedly, until no pair
-qualifies. Three tests must all pass for a pair (i, j); a threshold set to None is skipped:
+After the mixture is fitted, components that are nearly the same distribution, see a
+small gradient and are narrow are merged, repeatedly, until no pair qualifies. The tests
+follow the text of Sec. 4.2 and the authors' released code (Alg. 1 writes differences
+Delta_g, Delta_v instead; the text and the code threshold the values themselves). A pair
+(i, j) qualifies when every test that is switched on passes:
 
-* distance: ``W2(N_i, N_j) < tau_d`` with W2 the Wasserstein-2 *distance*, i.e. the square
-  root of Eq. 4 (the paper thresholds "the Wasserstein distance"; Eq. 4 is its square);
-* gradient: ``|g_i - g_j| < tau_g`` with g the gradient magnitude at the component centres;
-* variance: ``|tr S_i - tr S_j| < tau_v``. "Variance" of a 2D component is taken as the
-  trace of its covariance (total variance over the mu and sigma axes), which is basis-free
-  and is what Eq. 4's covariance term compares.
+* distance: ``W2^2(N_i, N_j) < tau_w2sq`` with W2^2 the *squared* Wasserstein-2 distance
+  of Eq. 4, in squared units of the (mu, sigma) plane (App. H: 1.5e-7);
+* neighbours: j is among the ``neighbours`` nearest centres of i or i among those of j
+  (Euclidean distance between the centres; the authors' code looks at 3);
+* gradient: ``g_i < tau_grad`` and ``g_j < tau_grad``, g the gradient magnitude at each
+  centre as the caller measures it (the authors compare |gradient x learning rate| with
+  0.15);
+* variance: ``tr S_i < tau_var`` and ``tr S_j < tau_var``, the members' total variance
+  over the mu and sigma axes (the authors: 1e-3).
 
 Each round merges many disjoint pairs at once: the greedy matching that takes qualifying
 pairs in order of increasing W2 and skips any pair touching an already matched component.
@@ -28,6 +33,7 @@ from torch import Tensor
 
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.sharing.gaussians import (
+    EQUAL_WEIGHT_RULES,
     MERGE_RULES,
     _check_gaussians,
     _merge,
@@ -108,42 +114,54 @@ def _greedy_matching(dist: Tensor) -> Tensor:
         idx, dist = idx[free], dist[free][:, free]
 
 
+def _nearest_centres(means: Tensor, count: int) -> Tensor:
+    """[K, K] bool: j is among the ``count`` nearest other centres of i, or i among j's."""
+    k = means.shape[0]
+    d = torch.cdist(means, means).fill_diagonal_(math.inf)
+    near = torch.zeros(k, k, dtype=torch.bool, device=means.device)
+    near.scatter_(1, d.topk(min(count, k - 1), dim=1, largest=False).indices, True)
+    return near | near.T
+
+
 def merge_components(
     means: Tensor,
     covs: Tensor,
     weights: Tensor | None,
     grad_at_centres: Tensor | None,
-    tau_d: float | None,
-    tau_g: float | None = None,
-    tau_v: float | None = None,
-    rule: str = "barycenter",
+    tau_w2sq: float | None,
+    *,
+    neighbours: int | None = None,
+    tau_grad: float | None = None,
+    tau_var: float | None = None,
+    rule: str = "authors",
     max_rounds: int | None = None,
     weighted: bool = True,
 ) -> MergeResult:
-    """Merge close mixture components until no pair passes all thresholds.
+    """Merge close mixture components until no pair passes all tests (see the module doc).
 
-    Each round computes all pairwise W2 distances at once, forms the greedy matching of
-    qualifying pairs by increasing W2 (many merges per round), merges every matched pair
-    with ``rule`` (see :func:`~pyro_gbnn.sharing.gaussians.merge_gaussians`), and repeats.
+    Each round computes all pairwise W2^2 at once, forms the greedy matching of qualifying
+    pairs by increasing W2 (many merges per round), merges every matched pair with
+    ``rule`` (see :func:`~pyro_gbnn.sharing.gaussians.merge_gaussians`), and repeats.
     Weights add; the gradient at a merged centre is the average of the pair's gradients
-    in the same proportions as the merge (weight-averaged when ``weighted``). A pair
-    qualifies when ``W2 < tau_d``, ``|g_i - g_j| < tau_g`` and ``|tr S_i - tr S_j| < tau_v``
-    (strict; None skips a test; all None merges everything).
+    in the same proportions as the merge. Tests are strict; None skips one (all None
+    merges everything).
 
     Args:
         means: [K, 2] component means.
         covs: [K, 2, 2] symmetric positive semi-definite covariances.
         weights: [K] non-negative mixture weights or member counts; None means 1 each
             (the returned weights are then member counts).
-        grad_at_centres: [K] gradient magnitude at each centre; needed when tau_g is set.
-        tau_d: threshold on the W2 distance (sqrt of Eq. 4), units of the (mu, sigma) plane.
-        tau_g: threshold on the gradient difference.
-        tau_v: threshold on the difference of covariance traces.
-        rule: merge rule, one of ``"barycenter"``, ``"moments"``, ``"paper"``.
+        grad_at_centres: [K] gradient magnitude at each centre; needed when tau_grad is set.
+        tau_w2sq: threshold on the squared W2 distance (Eq. 4), squared (mu, sigma) units.
+        neighbours: only pairs among each component's this many nearest centres; None: all.
+        tau_grad: both centres' gradient magnitudes must be below it.
+        tau_var: both covariance traces must be below it.
+        rule: merge rule, one of ``"authors"`` (average), ``"barycenter"``, ``"moments"``,
+            ``"paper"``.
         max_rounds: stop after this many merging rounds (None: until nothing qualifies).
         weighted: weight each merge by the components' weights (barycenter at
             t = w_j / (w_i + w_j), weighted moments) instead of 1/2 each. Ignored by the
-            ``"paper"`` rule, which is equal-weight by definition.
+            ``"authors"`` and ``"paper"`` rules, which are equal-weight by definition.
 
     Returns:
         :class:`MergeResult` with the merged components and the composed index mapping.
@@ -151,9 +169,11 @@ def merge_components(
     if rule not in MERGE_RULES:
         raise UsageError(f"unknown merge rule {rule!r}; accepted rules: {', '.join(MERGE_RULES)}")
     k = _check_gaussians(means, covs, definite=False)
-    tau_d = _check_threshold(tau_d, "tau_d")
-    tau_g = _check_threshold(tau_g, "tau_g")
-    tau_v = _check_threshold(tau_v, "tau_v")
+    tau_w2sq = _check_threshold(tau_w2sq, "tau_w2sq")
+    tau_grad = _check_threshold(tau_grad, "tau_grad")
+    tau_var = _check_threshold(tau_var, "tau_var")
+    if neighbours is not None and (isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1):
+        raise UsageError(f"neighbours must be an integer >= 1 or None (all pairs), got {neighbours!r}")
     if max_rounds is not None and (isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 0):
         raise UsageError(f"max_rounds must be an integer >= 0 or None (no limit), got {max_rounds!r}")
     if weights is None:
@@ -164,8 +184,8 @@ def merge_components(
             raise UsageError(f"weights must be non-negative, got minimum {float(weights.min()):.3g}")
     if grad_at_centres is not None:
         grad_at_centres = _check_vector(grad_at_centres, "grad_at_centres", k, means)
-    elif tau_g is not None:
-        raise UsageError("tau_g is set but grad_at_centres is None; pass [K] gradients or set tau_g=None")
+    elif tau_grad is not None:
+        raise UsageError("tau_grad is set but grad_at_centres is None; pass [K] gradients or set tau_grad=None")
 
     mapping = torch.arange(k, device=means.device)
     grads = grad_at_centres
@@ -174,16 +194,19 @@ def merge_components(
         n = means.shape[0]
         if n < 2:
             break
-        dist = _pairwise_wasserstein2(means, covs).sqrt_()
+        w2sq = _pairwise_wasserstein2(means, covs)
         allowed = ~torch.eye(n, dtype=torch.bool, device=means.device)
-        if tau_d is not None:
-            allowed &= dist < tau_d
-        if tau_g is not None:
-            allowed &= (grads[:, None] - grads[None, :]).abs() < tau_g
-        if tau_v is not None:
-            var = _trace(covs)
-            allowed &= (var[:, None] - var[None, :]).abs() < tau_v
-        partner = _greedy_matching(dist.masked_fill_(~allowed, math.inf))
+        if tau_w2sq is not None:
+            allowed &= w2sq < tau_w2sq
+        if neighbours is not None:
+            allowed &= _nearest_centres(means, neighbours)
+        if tau_grad is not None:
+            small = grads < tau_grad
+            allowed &= small[:, None] & small[None, :]
+        if tau_var is not None:
+            narrow = _trace(covs) < tau_var
+            allowed &= narrow[:, None] & narrow[None, :]
+        partner = _greedy_matching(w2sq.masked_fill_(~allowed, math.inf))
         local = torch.arange(n, device=means.device)
         first = partner > local
         if not bool(first.any()):
@@ -192,7 +215,7 @@ def merge_components(
         j = partner[first]
         wi, wj = weights[i], weights[j]
         total = wi + wj
-        if weighted and rule != "paper":
+        if weighted and rule not in EQUAL_WEIGHT_RULES:
             t = torch.where(total > 0, wj / torch.where(total > 0, total, torch.ones_like(total)), 0.5)
         else:
             t = torch.full_like(total, 0.5)
