@@ -152,7 +152,7 @@ def merge(base: dict, update: dict, path: str = "") -> dict:
         if isinstance(base.get(key) if base else None, dict) and isinstance(value, dict):
             if key in ("prior", "guide"):
                 out[key] = _merge_class_spec(base[key], value)
-            elif not base[key] or key == "args":
+            elif not base[key] or key in ("args", "model_args"):
                 out[key] = {**base[key], **value}
             else:
                 out[key] = merge(base[key], value, f"{where}.")

@@ -236,6 +236,21 @@ def test_2dgbnn_run_reports_sharing_counts_and_saves_the_plan(fake_mnist, tmp_pa
     assert metrics["n_params_trainable"] < metrics["stages"]["mean_field"]["n_params_trainable"] / 5
     plan = load_checkpoint_plan(tmp_path / "g" / "sharing_plan.pt")
     assert plan.num_components == metrics["n_gaussians"]
+    counts = (plan.outlier_index.numel(), plan.ellipse_index.numel(), plan.num_components)
+    assert metrics["n_params_paper"] == counts[0] + counts[1] + 2 * counts[2]
+    # tied with the weight prior trains two values per component and two per outlier
+    normalisation = metrics["stages"]["deterministic"]["n_params_trainable"] - sum(
+        s.numel() for s in bnn_site_shapes(metrics)
+    )
+    assert metrics["n_params_trainable"] == 2 * counts[2] + 2 * counts[0] + normalisation
+
+
+def bnn_site_shapes(metrics):
+    """Shapes of the Bayesian sites of the tiny run's network (Conv2d and Linear parameters)."""
+    from pyro_gbnn.models import build_model
+
+    net = build_model(metrics["model"], 10, 1, 28)
+    return [p.shape for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for p in m.parameters(recurse=False)]
 
 
 def load_checkpoint_plan(path):
@@ -244,9 +259,11 @@ def load_checkpoint_plan(path):
     return SharingPlan.from_state(torch.load(path, weights_only=True))
 
 
-@pytest.mark.parametrize("kill_after_saves", [6, 7, 8])
-def test_2dgbnn_resume_after_a_kill_in_stages_2_and_3(fake_mnist, tmp_path, monkeypatch, kill_after_saves):
-    config = tiny_config(fake_mnist, "2dgbnn", GBNN)
+@pytest.mark.parametrize(
+    ("kill_after_saves", "semantics"), [(6, "tied"), (7, "tied"), (8, "tied"), (7, "hierarchical")]
+)
+def test_2dgbnn_resume_after_a_kill_in_stages_2_and_3(fake_mnist, tmp_path, monkeypatch, kill_after_saves, semantics):
+    config = tiny_config(fake_mnist, "2dgbnn", GBNN + [f"fine_tune.semantics={semantics}"])
     reference = pipeline.run_fit(config, tmp_path / "reference")
     resumed = kill_then_resume(config, tmp_path / "killed", monkeypatch, kill_after_saves)
     for key in ("accuracy", "nll", "ece", "n_outliers", "n_ellipses", "n_gaussians", "n_params_trainable"):
@@ -281,9 +298,11 @@ def assert_finite_metrics(metrics):
             assert math.isfinite(result[key]), (stage, key, result[key])
 
 
-def test_tiny_vit_runs_all_four_2dgbnn_stages(fake_mnist, tmp_path, monkeypatch):
+@pytest.mark.parametrize("semantics", ["tied", "hierarchical"])
+def test_tiny_vit_runs_all_four_2dgbnn_stages(fake_mnist, tmp_path, monkeypatch, semantics):
     ranks = count_estimator_inputs(monkeypatch, "local_reparameterized")
-    metrics = pipeline.run_fit(tiny_config(fake_mnist, "2dgbnn", GBNN + TINY_VIT), tmp_path / "g")
+    config = tiny_config(fake_mnist, "2dgbnn", GBNN + TINY_VIT + [f"fine_tune.semantics={semantics}"])
+    metrics = pipeline.run_fit(config, tmp_path / "g")
     assert list(metrics["stages"]) == ["deterministic", "mean_field", "sharing", "fine_tune"]
     assert_finite_metrics(metrics)
     assert 3 in ranks, "stage 1's Normals reach the MLP blocks' Linear layers on [B, T, D]"

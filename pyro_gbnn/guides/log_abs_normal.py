@@ -52,6 +52,7 @@ def expected_log_abs_normal(mean: torch.Tensor, var: torch.Tensor) -> torch.Tens
     """
     half_lambda = mean * mean / (2 * var)
     small = half_lambda <= _SERIES_FROM
-    poisson = _poisson_branch(half_lambda.clamp_max(_SERIES_FROM))
+    tiny = torch.finfo(half_lambda.dtype).tiny  # log L at L = 0 has no finite gradient
+    poisson = _poisson_branch(half_lambda.clamp(tiny, _SERIES_FROM))
     series = _series_branch(half_lambda.clamp_min(_SERIES_FROM))
     return 0.5 * (torch.log(2 * var) + torch.where(small, poisson, series))

@@ -51,7 +51,9 @@ def vit(
     parameters) with 4x4 patches, which give 32x32 images 64 tokens.
     Input: (batch, in_channels, image_size, image_size); output: (batch, num_classes) logits.
     """
-    sizes = dict(patch_size=patch_size, num_layers=num_layers, num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim)
+    sizes = dict(
+        patch_size=patch_size, num_layers=num_layers, num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim
+    )
     for arg, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"vit's {arg} must be a positive integer, got {value!r}")
