@@ -99,6 +99,7 @@ DEFAULTS: dict[str, Any] = {
         semantics="tied",
         shared_prior="weight",
         kl_weighting="sum",
+        merge_every=0,  # epochs between merges of close components (stage 2's tests); 0: never
     ),
     # Spike-and-slab (Saha et al. 2024): SVI from the stage-0 network, then pruning by
     # posterior inclusion probability. See pyro_gbnn.guides.spike_slab.

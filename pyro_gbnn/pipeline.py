@@ -201,9 +201,12 @@ class FitRun:
 def _timed_epochs(run: FitRun, stage: str, start_epoch: int, **kwargs) -> None:
     """train_epochs with the stage's wall time accumulated across resumes and checkpoints each epoch."""
     save_states = kwargs.pop("save_states")
+    epoch_end = kwargs.pop("epoch_end", None)
     clock = [time.perf_counter()]
 
     def on_epoch_end(epoch: int, record: dict) -> None:
+        if epoch_end is not None:
+            epoch_end(epoch)
         now = time.perf_counter()
         run.stage_time[stage] = run.stage_time.get(stage, 0.0) + now - clock[0]
         clock[0] = now
@@ -278,12 +281,14 @@ def _train_variational(
     guide: nn.Module,
     resume: dict | None,
     first_epoch: int = 0,
+    epoch_end: Callable[[int, torch.optim.Optimizer], None] | None = None,
 ) -> AnalyticKL_ELBO:
     """SVI on the ELBO for ``config[stage]`` epochs: means at ``lr``, scale-like parameters
     at ``lr_scale`` (appendix I.4; the guide's ``loc_parameters()`` and
     ``scale_parameters()``), the network's deterministic parameters at ``lr``. The KL
     weight rises linearly to ``kl_scale`` (1: the ELBO) over ``kl_warmup_epochs``; a guide's ``after_step(optimizer)``
-    runs after every step. ``first_epoch`` offsets the data order so each stage sees fresh
+    runs after every step; ``epoch_end(epoch, optimizer)`` after every epoch, before its
+    checkpoint. ``first_epoch`` offsets the data order so each stage sees fresh
     permutations."""
     section = run.config[stage]
     elbo = AnalyticKL_ELBO(bnn, guide, num_particles=section["num_particles"])
@@ -313,6 +318,7 @@ def _train_variational(
         epochs=section["epochs"],
         evaluate=lambda: run.evaluate(bnn, guide, run.eval_split, section["eval_samples"]),
         save_states=lambda: {"elbo": elbo.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+        epoch_end=(lambda epoch: epoch_end(epoch, optimizer)) if epoch_end is not None else None,
     )
     return elbo
 
@@ -382,11 +388,35 @@ def _shared_guide(run: FitRun, bnn: BayesianNetwork, plan: SharingPlan) -> Share
     )
 
 
-def _finish_shared_stage(run: FitRun, stage: str, bnn, guide, elbo, plan: SharingPlan, output: dict) -> None:
-    run.finish_stage(stage, bnn, guide, elbo, output)
+def _finish_shared_stage(run: FitRun, stage: str, bnn, guide: SharedMixtureGuide, output: dict) -> None:
+    """Metrics and sizes of the plan as the guide stands (merging may have retired components)."""
+    n_params = guide.num_trainable_values() + count_trainable(bnn)
+    run.finish_stage(stage, bnn, guide, bnn, output, size=(n_params, 4 * n_params))
+    plan = guide.plan()
     result = run.results[stage]
     result.update(sharing_metrics(plan))
     result["size_bytes_with_index"] = result["size_bytes"] + plan.index_bytes()
+
+
+def _merge_every(run: FitRun, guide: SharedMixtureGuide) -> Callable[[int, torch.optim.Optimizer], None] | None:
+    """``fine_tune.merge_every`` > 0: stage 2's merge tests re-run on the trained components
+    after every that many epochs (not after the last), as the authors' code does."""
+    every, epochs = run.config["fine_tune"]["merge_every"], run.config["fine_tune"]["epochs"]
+    if not every:
+        return None
+    sharing = run.config["sharing"]
+
+    def merge(epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        if epoch % every or epoch == epochs:
+            return
+        retired = guide.merge_close_components(
+            optimizer, sharing["merge_tau_w2sq"], neighbours=sharing["merge_neighbours"],
+            tau_grad_step=sharing["merge_tau_grad_step"], grad_lr=sharing["merge_grad_lr"],
+            tau_var=sharing["merge_tau_var"], rule=sharing["merge_rule"],
+        )
+        run.log.write({"stage": "fine_tune", "epoch": epoch, "merged": retired, "n_gaussians": int(guide.alive.sum())})
+
+    return merge
 
 
 def _stage_sharing(run: FitRun, net: nn.Module, resume: dict | None) -> None:
@@ -404,9 +434,8 @@ def _stage_sharing(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     plan = build_sharing_plan(guide.posterior_moments(), gradients, settings)
     atomic_write_bytes(run.out / "sharing_plan.pt", lambda handle: torch.save(plan.to_state(), handle))
     shared = _shared_guide(run, bnn, plan)
-    shared_elbo = AnalyticKL_ELBO(bnn, shared)
     run.stage_time["sharing"] = time.perf_counter() - started
-    _finish_shared_stage(run, "sharing", bnn, shared, shared_elbo, plan, {"plan": plan.to_state(), "bnn": bnn.state_dict()})
+    _finish_shared_stage(run, "sharing", bnn, shared, {"plan": plan.to_state(), "bnn": bnn.state_dict()})
     run.results["sharing"]["report"] = {k: v for k, v in plan.report.items() if k != "settings"}
 
 
@@ -417,8 +446,8 @@ def _stage_fine_tune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     plan = SharingPlan.from_state(run.outputs["sharing"]["plan"])
     guide = _shared_guide(run, bnn, plan)
     first_epoch = run.config["mean_field"]["epochs"] + 1
-    elbo = _train_variational(run, "fine_tune", bnn, guide, resume, first_epoch)
-    _finish_shared_stage(run, "fine_tune", bnn, guide, elbo, plan, {"elbo": elbo.state_dict()})
+    elbo = _train_variational(run, "fine_tune", bnn, guide, resume, first_epoch, _merge_every(run, guide))
+    _finish_shared_stage(run, "fine_tune", bnn, guide, {"elbo": elbo.state_dict()})
 
 
 def _spike_slab_guide(run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, SpikeSlabGuide]:

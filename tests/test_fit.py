@@ -332,3 +332,34 @@ def test_tiny_vit_takes_a_flipout_step(monkeypatch):
     optimizer.step()
     assert torch.isfinite(loss) and 3 in ranks
     assert all(torch.isfinite(p).all() for p in guide.parameters())
+
+
+MERGE_DURING_FINE_TUNING = [  # loose enough that the tiny run's components merge
+    "fine_tune.epochs=3",
+    "fine_tune.merge_every=1",
+    "sharing.merge=false",
+    "sharing.merge_tau_w2sq=1.0",
+    "sharing.merge_neighbours=null",
+    "sharing.merge_tau_grad_step=null",
+    "sharing.merge_tau_var=null",
+]
+
+
+def test_merging_during_fine_tuning_retires_components_and_reports_the_merged_plan(fake_mnist, tmp_path):
+    out = tmp_path / "g"
+    metrics = pipeline.run_fit(tiny_config(fake_mnist, "2dgbnn", GBNN + MERGE_DURING_FINE_TUNING), out)
+    merges = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "merged" in r]
+    assert [r["epoch"] for r in merges] == [1, 2], "after every epoch but the last"
+    assert merges[0]["merged"] > 0
+    before, after = metrics["stages"]["sharing"]["n_gaussians"], metrics["stages"]["fine_tune"]["n_gaussians"]
+    assert after == before - sum(r["merged"] for r in merges) == merges[-1]["n_gaussians"]
+    assert metrics["n_params_trainable"] < metrics["stages"]["sharing"]["n_params_trainable"]
+
+
+@pytest.mark.parametrize("kill_after_saves", [8, 9])
+def test_merging_during_fine_tuning_resumes_exactly(fake_mnist, tmp_path, monkeypatch, kill_after_saves):
+    config = tiny_config(fake_mnist, "2dgbnn", GBNN + MERGE_DURING_FINE_TUNING)
+    reference = pipeline.run_fit(config, tmp_path / "reference")
+    resumed = kill_then_resume(config, tmp_path / "killed", monkeypatch, kill_after_saves)
+    for key in ("accuracy", "nll", "ece", "n_gaussians", "n_params_trainable", "size_bytes_with_index"):
+        assert resumed[key] == reference[key], key

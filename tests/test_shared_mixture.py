@@ -176,3 +176,59 @@ def test_bad_choices_are_named():
     other = BayesianNetwork(nn.Linear(3, 2), IIDNormalPrior(), Categorical(1))
     with pytest.raises(ValueError, match="made for another network"):
         SharedMixtureGuide(other, plan)
+
+
+def guide_with_twin_components(semantics):
+    """A guide whose components 0 and 1 have been made identical, so exactly they merge."""
+    bnn = small_bnn(estimator="local")
+    guide = SharedMixtureGuide(bnn, make_plan(bnn), semantics=semantics)
+    with torch.no_grad():
+        for name in ("centre_mu", "centre_rho", "chol_log_00", "chol_10", "chol_log_11"):
+            getattr(guide, name)[1] = getattr(guide, name)[0]
+    return bnn, guide
+
+
+@pytest.mark.parametrize("semantics", ["tied", "hierarchical", "independent"])
+def test_merging_during_fine_tuning_retires_a_slot_that_then_never_moves(semantics):
+    bnn, guide = guide_with_twin_components(semantics)
+    counts = guide.counts.clone()
+    members_of_1 = guide.inlier_component.long() == 1
+    elbo = AnalyticKL_ELBO(bnn, guide)
+    optimizer = torch.optim.Adam([p for p in elbo.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(6, 1, 6, 6), torch.randint(0, 10, (6,))
+    optimizer.zero_grad()
+    elbo(x, y).backward()
+    optimizer.step()
+    with torch.no_grad():  # the step moved them apart a little: make them twins again
+        for name in ("centre_mu", "centre_rho", "chol_log_00", "chol_10", "chol_log_11"):
+            getattr(guide, name)[1] = getattr(guide, name)[0]
+    kl_twins = guide.kl_divergence().item()
+    retired = guide.merge_close_components(optimizer, 1e-12, neighbours=None, tau_grad_step=None, tau_var=None)
+    assert retired == 1 and guide.alive.tolist()[:2] == [True, False]
+    assert bool((guide.inlier_component.long()[members_of_1] == 0).all())
+    assert torch.allclose(guide.counts.sum(), counts.sum()) and guide.counts[1] == 0
+    assert guide.counts[0] == counts[0] + counts[1]
+    if semantics == "tied":  # one KL per component: the twin's term is gone
+        assert guide.kl_divergence().item() < kl_twins
+    else:  # one KL per weight: relabelling members between identical components changes nothing
+        assert abs(guide.kl_divergence().item() - kl_twins) < 1e-4 * abs(kl_twins)
+    frozen = {name: getattr(guide, name)[1].item() for name in ("centre_mu", "centre_rho", "chol_log_00", "chol_10", "chol_log_11")}
+    for _ in range(2):
+        optimizer.zero_grad()
+        elbo(x, y).backward()
+        optimizer.step()
+    for name, value in frozen.items():
+        assert getattr(guide, name)[1].item() == value, f"retired {name} moved"
+    plan = guide.plan()
+    plan.check()
+    assert plan.num_components == guide.num_components - 1
+    assert guide.num_trainable_values() < count_trainable(guide)
+
+
+def test_the_plan_of_a_merged_guide_rebuilds_the_same_posterior():
+    bnn, guide = guide_with_twin_components("independent")
+    guide.merge_close_components(None, 1e-12, neighbours=None, tau_grad_step=None, tau_var=None)
+    rebuilt = SharedMixtureGuide(bnn, guide.plan(), semantics="independent")
+    for mine, theirs in zip(guide.weight_moments(), rebuilt.weight_moments()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(guide.kl_divergence(), rebuilt.kl_divergence(), rtol=1e-5, atol=1e-4)

@@ -80,7 +80,8 @@ from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.guides.base import normal_prior
 from pyro_gbnn.guides.log_abs_normal import expected_log_abs_normal
 from pyro_gbnn.guides.mean_field import inverse_softplus
-from pyro_gbnn.sharing.plan import SharingPlan
+from pyro_gbnn.sharing.merging import merge_components
+from pyro_gbnn.sharing.plan import SharingPlan, index_dtype
 
 __all__ = ["SharedMixtureGuide", "SEMANTICS", "COMPONENT_VALUES"]
 
@@ -168,7 +169,8 @@ class SharedMixtureGuide(PyroModule):
         # The weights' Normal priors, kept only where a KL term reads them: the outliers',
         # every shared weight's (independent), or per-component sums over them (hierarchical).
         prior_loc, prior_scale = _normal_prior_vectors(bnn, list(self.site_shapes))
-        self.register_buffer("_component_prior", self._component_priors(prior_loc, prior_scale), persistent=False)
+        # Persistent: merging during fine-tuning rewrites them (see merge_close_components).
+        self.register_buffer("_component_prior", self._component_priors(prior_loc, prior_scale))
         roles = {"outlier": self.outlier_index}
         if semantics == "independent":
             roles |= {"inlier": self.inlier_index, "ellipse": self.ellipse_index.unsqueeze(-1)}
@@ -176,13 +178,27 @@ class SharedMixtureGuide(PyroModule):
             self.register_buffer(f"_{role}_prior_loc", prior_loc[index], persistent=False)
             self.register_buffer(f"_{role}_prior_scale", prior_scale[index], persistent=False)
         if semantics == "hierarchical":
-            self.register_buffer("_prior_sums", self._member_prior_sums(prior_loc, prior_scale), persistent=False)
+            self.register_buffer("_prior_sums", self._member_prior_sums(prior_loc, prior_scale))
         self.register_buffer("counts", plan.counts.float().clone())
+        self.register_buffer("alive", torch.ones(self.num_components, dtype=torch.bool))
+        self.register_load_state_dict_post_hook(lambda module, keys: module._derive_gathers())
+
+    def _derive_gathers(self) -> None:
+        """The int32 gather indices from the stored component indices (after loading or merging)."""
+        self._inlier_gather = self.inlier_component.int()
+        self._ellipse_gather = self.ellipse_components.int()
 
     # ----- parameters -------------------------------------------------------------
     @property
     def num_components(self) -> int:
+        """Component slots K; after merging during fine-tuning some are no longer ``alive``."""
         return int(self.centre_mu.shape[0])
+
+    def num_trainable_values(self) -> int:
+        """Values that reach the objective: the trained ones of every alive component, and
+        each outlier's mean and scale (what ``n_params_trainable`` reports)."""
+        per_component = sum(1 for name in COMPONENT_VALUES if getattr(self, name).requires_grad)
+        return per_component * int(self.alive.sum()) + 2 * self.outlier_loc.numel()
 
     def loc_parameters(self) -> list[nn.Parameter]:
         """Trainable means (component mean coordinates, outlier means): the ``lr`` group."""
@@ -330,7 +346,7 @@ class SharedMixtureGuide(PyroModule):
             per_component = torch.distributions.kl_divergence(q, p)
         if self.kl_weighting == "paper":
             return (per_component * self.counts / self.counts.sum().clamp_min(1e-12)).sum()
-        return per_component.sum()
+        return (per_component * self.alive).sum()
 
     def _hierarchical_kl(self) -> torch.Tensor:
         count, precision, loc_precision, loc2_precision, log_scale = self._prior_sums.to(self.centre_mu.dtype)
@@ -354,3 +370,115 @@ class SharedMixtureGuide(PyroModule):
             )
             kl_ell = (per * self.ellipse_alphas).sum()
         return self._per_shared_weight(kl_in + kl_ell)
+
+    # ----- merging during fine-tuning and the plan as it stands ------------------------
+    def component_gaussians(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current centres [K, 2] (mean, std coordinate) and covariances [K, 2, 2], detached."""
+        scale_tril = self.component_cholesky().detach()
+        centre = torch.stack([self.centre_mu, self.component_scale()], -1).detach()
+        return centre, scale_tril @ scale_tril.mT
+
+    @torch.no_grad()
+    def merge_close_components(
+        self,
+        optimizer: torch.optim.Optimizer | None,
+        tau_w2sq: float | None,
+        *,
+        neighbours: int | None = 3,
+        tau_grad_step: float | None = 0.15,
+        grad_lr: float = 1e-5,
+        tau_var: float | None = 1e-3,
+        rule: str = "authors",
+    ) -> int:
+        """Merge alive components that have come close during fine-tuning (the authors' code
+        repeats stage 2's merging while it trains); returns how many components went.
+
+        The tests and rules are those of :func:`~pyro_gbnn.sharing.merging.merge_components`
+        on the current centres and covariances; the gradient step at a centre is
+        |d loss / d centre_mu| / members x ``grad_lr`` from the last step (skipped if no
+        gradient is there yet). A merged component keeps the slot of its first member;
+        the other slot is no longer ``alive``: it has no members, its KL is masked and its
+        optimizer state is zeroed, so it stays exactly where it was. The merged component
+        keeps the prior of its slot (the same for every component under an IID prior).
+        """
+        slots = self.alive.nonzero().squeeze(-1)
+        if slots.numel() < 2:
+            return 0
+        centre, covs = (t[slots].double() for t in self.component_gaussians())
+        counts = self.counts[slots].double()
+        grad = self.centre_mu.grad
+        step = None if grad is None else grad[slots].abs().double() / counts.clamp_min(1) * grad_lr
+        merged = merge_components(
+            centre, covs, counts, step, tau_w2sq, neighbours=neighbours,
+            tau_grad=tau_grad_step if step is not None else None, tau_var=tau_var, rule=rule,
+        )
+        if merged.rounds == 0:
+            return 0
+        k_new = merged.means.shape[0]
+        first = torch.full((k_new,), slots.numel(), dtype=torch.long).scatter_reduce_(
+            0, merged.mapping, torch.arange(slots.numel()), "amin"
+        )
+        new_slots = slots[first]
+        slot_of = torch.arange(self.num_components)
+        slot_of[slots] = new_slots[merged.mapping]
+        changed = slots[slot_of[slots] != slots]
+        changed = torch.cat([changed, new_slots[torch.bincount(merged.mapping, minlength=k_new) > 1]])
+
+        chol = torch.linalg.cholesky(merged.covs).float()
+        means = merged.means.float()
+        values = {
+            "centre_mu": means[:, 0],
+            "centre_rho": inverse_softplus(means[:, 1].clamp_min(1e-6)),
+            "chol_log_00": chol[:, 0, 0].log(),
+            "chol_10": chol[:, 1, 0],
+            "chol_log_11": chol[:, 1, 1].log(),
+        }
+        for name, value in values.items():
+            getattr(self, name)[new_slots] = value
+        self.alive[slots] = False
+        self.alive[new_slots] = True
+        dtype = self.inlier_component.dtype
+        self.inlier_component.copy_(slot_of[self.inlier_component.long()].to(dtype))
+        self.ellipse_components.copy_(slot_of[self.ellipse_components.long()].to(dtype))
+        self.counts.copy_(torch.zeros_like(self.counts).index_add_(0, slot_of, self.counts))
+        if self.semantics == "hierarchical":
+            self._prior_sums.copy_(torch.zeros_like(self._prior_sums).index_add_(1, slot_of, self._prior_sums))
+        self._derive_gathers()
+        if optimizer is not None:
+            _zero_optimizer_state(optimizer, [getattr(self, name) for name in COMPONENT_VALUES], changed)
+        return slots.numel() - k_new
+
+    @torch.no_grad()
+    def plan(self) -> SharingPlan:
+        """The sharing plan as the guide stands: alive components renumbered, current centres,
+        covariances and outlier moments (for counting, saving and deployment)."""
+        slots = self.alive.nonzero().squeeze(-1)
+        renumber = torch.full((self.num_components,), -1, dtype=torch.long)
+        renumber[slots] = torch.arange(slots.numel())
+        centre, covs = self.component_gaussians()
+        dtype = index_dtype(slots.numel())
+        return SharingPlan(
+            site_names=list(self.site_shapes),
+            site_shapes=[list(s) for s in self.site_shapes.values()],
+            means=centre[slots].clone(),
+            covs=covs[slots].clone(),
+            counts=self.counts[slots].clone(),
+            outlier_index=self.outlier_index.clone(),
+            outlier_loc=self.outlier_loc.detach().clone(),
+            outlier_scale=self.outlier_scale().detach(),
+            inlier_index=self.inlier_index.clone(),
+            inlier_component=renumber[self.inlier_component.long()].to(dtype),
+            ellipse_index=self.ellipse_index.clone(),
+            ellipse_components=renumber[self.ellipse_components.long()].to(dtype),
+            ellipse_alphas=self.ellipse_alphas.clone(),
+            report={},
+        )
+
+
+def _zero_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], entries: torch.Tensor) -> None:
+    """Forget the optimizer's running statistics at ``entries`` of ``params`` (Adam's
+    moments, SGD's momentum), so a rewritten or retired component restarts from rest."""
+    for p in params:
+        for value in optimizer.state.get(p, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                value[entries] = 0
