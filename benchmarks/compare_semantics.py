@@ -5,7 +5,10 @@
     python benchmarks/compare_semantics.py runs/c10-budget --out runs/c10-semantics
 
 Every semantics starts from the same checkpoint (stage 0 and stage 1 as the base run
-left them, the same random state), so the rows differ only in the guide. Each variant is
+left them, and the random state at the end of stage 1, so the base run's own semantics
+reproduces its stages 2 and 3 exactly; checkpoints written before ``stage_rng`` existed
+give every branch the base run's last random state instead), so the rows differ only in
+the guide. Each variant is
 an ordinary run folder resumed by ``run_fit``: kill this script and start it again, and
 it continues where it stopped. Prints one JSON object with the stage-1 row and, per
 semantics, the rows of stages 2 and 3.
@@ -35,8 +38,12 @@ def branch_after_stage1(base: dict, semantics: str, out: Path) -> None:
         state["results"].pop(stage, None)
         state["outputs"].pop(stage, None)
         state["stage_time"].pop(stage, None)
+    for stage in ("sharing", "fine_tune"):
+        state.get("stage_rng", {}).pop(stage, None)
     state["config"]["fine_tune"]["semantics"] = semantics
     state["stage"], state["epoch"], state["states"] = "mean_field", state["config"]["mean_field"]["epochs"], {}
+    if "mean_field" in state.get("stage_rng", {}):
+        state["rng"] = state["stage_rng"]["mean_field"]
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / "checkpoint.pt", state)
 

@@ -124,6 +124,7 @@ class FitRun:
     results: dict[str, dict] = field(default_factory=dict)
     outputs: dict[str, dict] = field(default_factory=dict)
     stage_time: dict[str, float] = field(default_factory=dict)
+    stage_rng: dict[str, dict] = field(default_factory=dict)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -161,6 +162,7 @@ class FitRun:
                 "results": self.results,
                 "outputs": self.outputs,
                 "stage_time": self.stage_time,
+                "stage_rng": self.stage_rng,
                 "rng": rng_state(),
             },
         )
@@ -623,6 +625,7 @@ def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
     run = FitRun(config, out, data, config["progress"] if progress is None else progress)
     if state is not None:
         run.results, run.outputs, run.stage_time = state["results"], state["outputs"], state["stage_time"]
+        run.stage_rng = state.get("stage_rng", {})
     for stage in STAGES[config["method"]]:
         if stage in run.results:
             continue
@@ -630,6 +633,7 @@ def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
         if state is not None and resume_state is None:
             set_rng_state(state["rng"])
         STAGE_RUNNERS[stage](run, net, resume_state)
+        run.stage_rng[stage] = rng_state()  # a later run can branch off after this stage exactly
         run.save(stage, config.get(stage, {}).get("epochs", 0), {})
         state = None
     final = run.results[STAGES[config["method"]][-1]]

@@ -363,3 +363,22 @@ def test_merging_during_fine_tuning_resumes_exactly(fake_mnist, tmp_path, monkey
     resumed = kill_then_resume(config, tmp_path / "killed", monkeypatch, kill_after_saves)
     for key in ("accuracy", "nll", "ece", "n_gaussians", "n_params_trainable", "size_bytes_with_index"):
         assert resumed[key] == reference[key], key
+
+
+def test_semantics_comparison_branches_from_stage_1_and_reproduces_the_base_run(fake_mnist, tmp_path):
+    base = tmp_path / "base"
+    reference = pipeline.run_fit(tiny_config(fake_mnist, "2dgbnn", GBNN), base)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_semantics.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(base), "--out", str(tmp_path / "cmp"), "--semantics", "tied", "hierarchical"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout[result.stdout.index("{\n"):])
+    assert report["stage1"]["accuracy"] == reference["stages"]["mean_field"]["accuracy"]
+    for stage in ("sharing", "fine_tune"):  # same checkpoint, same random state: the same run
+        assert report["semantics"]["tied"][stage]["accuracy"] == reference["stages"][stage]["accuracy"]
+        assert report["semantics"]["tied"][stage]["nll"] == reference["stages"][stage]["nll"]
+    hierarchical = report["semantics"]["hierarchical"]
+    assert hierarchical["sharing"]["n_gaussians"] == reference["n_gaussians"]
+    assert hierarchical["fine_tune"]["n_params_trainable"] > reference["n_params_trainable"]

@@ -99,6 +99,19 @@ def _normal_prior_vectors(bnn: BayesianNetwork, names: list[str]) -> tuple[torch
     return torch.cat(locs), torch.cat(scales)
 
 
+def _component_values(means: torch.Tensor, covs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The five unconstrained values per component (see COMPONENT_VALUES) of centres [K, 2]
+    and covariances [K, 2, 2]."""
+    chol = torch.linalg.cholesky(covs)
+    return {
+        "centre_mu": means[:, 0],
+        "centre_rho": inverse_softplus(means[:, 1].clamp_min(1e-6)),
+        "chol_log_00": chol[:, 0, 0].log(),
+        "chol_10": chol[:, 1, 0],
+        "chol_log_11": chol[:, 1, 1].log(),
+    }
+
+
 _TRAINED = {  # (semantics, prior) -> component values that reach the objective
     ("tied", "weight"): ("centre_mu", "chol_log_00"),
     ("tied", "anchor"): COMPONENT_VALUES,
@@ -135,16 +148,8 @@ class SharedMixtureGuide(PyroModule):
         self.site_shapes = bnn.site_shapes
         self._sizes = [int(torch.Size(s).numel()) for s in self.site_shapes.values()]
         means, covs = plan.means.float(), plan.covs.float()
-        chol = torch.linalg.cholesky(covs)
-        initial = {
-            "centre_mu": means[:, 0],
-            "centre_rho": inverse_softplus(means[:, 1].clamp_min(1e-6)),
-            "chol_log_00": chol[:, 0, 0].log(),
-            "chol_10": chol[:, 1, 0],
-            "chol_log_11": chol[:, 1, 1].log(),
-        }
         trained = _TRAINED[(semantics, prior)]
-        for name, value in initial.items():
+        for name, value in _component_values(means, covs).items():
             setattr(self, name, nn.Parameter(value.clone(), requires_grad=name in trained))
         self.outlier_loc = nn.Parameter(plan.outlier_loc.float().clone())
         self.outlier_rho = nn.Parameter(inverse_softplus(plan.outlier_scale.float().clamp_min(1e-6)))
@@ -424,16 +429,7 @@ class SharedMixtureGuide(PyroModule):
         changed = slots[slot_of[slots] != slots]
         changed = torch.cat([changed, new_slots[torch.bincount(merged.mapping, minlength=k_new) > 1]])
 
-        chol = torch.linalg.cholesky(merged.covs).float()
-        means = merged.means.float()
-        values = {
-            "centre_mu": means[:, 0],
-            "centre_rho": inverse_softplus(means[:, 1].clamp_min(1e-6)),
-            "chol_log_00": chol[:, 0, 0].log(),
-            "chol_10": chol[:, 1, 0],
-            "chol_log_11": chol[:, 1, 1].log(),
-        }
-        for name, value in values.items():
+        for name, value in _component_values(merged.means.float(), merged.covs.float()).items():
             getattr(self, name)[new_slots] = value
         self.alive[slots] = False
         self.alive[new_slots] = True
