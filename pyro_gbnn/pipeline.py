@@ -403,7 +403,7 @@ def _finish_shared_stage(run: FitRun, stage: str, bnn, guide: SharedMixtureGuide
 def _merge_every(run: FitRun, guide: SharedMixtureGuide) -> Callable[[int, torch.optim.Optimizer], None] | None:
     """``fine_tune.merge_every`` > 0: stage 2's merge tests re-run on the trained components
     after every that many epochs (not after the last), as the authors' code does."""
-    every, epochs = run.config["fine_tune"]["merge_every"], run.config["fine_tune"]["epochs"]
+    every, epochs = run.config["fine_tune"].get("merge_every", 0), run.config["fine_tune"]["epochs"]  # absent in older runs
     if not every:
         return None
     sharing = run.config["sharing"]
