@@ -55,7 +55,7 @@ from pyro_gbnn.train import (
     train_epochs,
 )
 
-__all__ = ["STAGES", "TRAINING_STAGE", "run_fit", "count_trainable", "build_bnn", "build_mean_field", "accumulate_gradients", "FitRun"]
+__all__ = ["STAGES", "TRAINING_STAGE", "run_fit", "load_run_model", "count_trainable", "build_bnn", "build_mean_field", "accumulate_gradients", "FitRun"]
 
 STAGES: dict[str, tuple[str, ...]] = {
     "deterministic": ("deterministic",),
@@ -351,6 +351,40 @@ def _restore_mean_field(run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, M
     elbo = AnalyticKL_ELBO(bnn, guide)
     elbo.load_state_dict(run.outputs["mean_field"]["elbo"])
     return bnn, guide, elbo
+
+
+def load_run_model(
+    out_dir: str | Path, data_dir: str | Path | None = None, stage: str | None = None
+) -> tuple[FitRun, nn.Module, nn.Module | None]:
+    """The model of a run after ``stage`` (default: its last), ready to predict: (run, network, guide).
+
+    Reads the stages ``deterministic`` (guide None), ``mean_field`` and ``fine_tune``
+    (2DGBNN); the network is the ``BayesianNetwork`` for the last two. ``data_dir`` points
+    to the data if it moved.
+    """
+    out = Path(out_dir)
+    state = load_checkpoint(out / "checkpoint.pt")
+    config = state["config"]
+    if data_dir is not None:
+        config["data"]["dir"] = str(data_dir)
+    stage = stage or STAGES[config["method"]][-1]
+    if stage not in state["results"]:
+        raise UsageError(f"the run in {str(out)!r} has not finished stage {stage!r}; resume it with --resume first")
+    if stage not in ("deterministic", "mean_field", "fine_tune"):
+        raise UsageError(f"reading back a {config['method']!r} run is not supported yet; deterministic, mean-field and 2dgbnn runs are")
+    data = _load_data(config)
+    net = _build_net(config, data).to(config["device"])
+    run = FitRun(config, out, data, False, state["results"], state["outputs"], state["stage_time"])
+    net.load_state_dict(run.outputs["deterministic"]["net"])
+    if stage == "deterministic":
+        return run, net, None
+    if stage == "mean_field":
+        bnn, guide, _ = _restore_mean_field(run, net)
+        return run, bnn, guide
+    bnn = build_bnn(net, config, len(data.train))
+    guide = _shared_guide(run, bnn, SharingPlan.from_state(run.outputs["sharing"]["plan"]))
+    AnalyticKL_ELBO(bnn, guide).load_state_dict(run.outputs["fine_tune"]["elbo"])
+    return run, bnn, guide
 
 
 def accumulate_gradients(

@@ -1,0 +1,95 @@
+"""Command line: ``python -m pyro_gbnn.diagnose RUN_DIR`` draws the pictures of a finished run.
+
+Writes into ``RUN_DIR/diagnostics/``: ``reliability.png`` (accuracy per confidence bin,
+ECE), ``class_confidence.png`` (confidence per true class), ``training_curves.png`` (loss
+and evaluation accuracy per epoch, all stages), for 2DGBNN runs ``sharing_plane.png`` (the
+stage-1 (mu, sigma) of every weight with the plan's roles and components), and
+``summary.md`` (the run's table and the test metrics of these predictions). Bad input
+prints one line on stderr and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from pyro_gbnn.errors import UsageError
+
+__all__ = ["main", "diagnose_run"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pyro_gbnn.diagnose", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="folder of a finished run (holds checkpoint.pt)")
+    parser.add_argument("--data-dir", help="where the data set is now, if it moved since the run")
+    parser.add_argument("--samples", type=int, help="posterior draws per test image (default: the run's predict.num_samples)")
+    return parser
+
+
+def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, samples: int | None = None) -> list[Path]:
+    """Write the pictures and ``summary.md`` of a finished run; returns the written paths."""
+    from pyro_gbnn.fit import format_table
+    from pyro_gbnn.metrics import classification_metrics, reliability_diagram
+    from pyro_gbnn.pipeline import load_run_model
+    from pyro_gbnn.plots import class_confidence, save_figure, sharing_plane, training_curves
+    from pyro_gbnn.predict import predict
+    from pyro_gbnn.sharing.plan import SharingPlan
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise UsageError(f"{str(run_dir)!r} holds no checkpoint.pt; pass the --out folder of a pyro_gbnn.fit run")
+    if samples is not None and samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {samples}")
+    run, network, guide = load_run_model(run_dir, data_dir)
+    out = run_dir / "diagnostics"
+    torch.manual_seed(run.config["seed"])
+    num_samples = 1 if guide is None else samples or run.config["predict"]["num_samples"]
+    prediction = predict(network, guide, run.loader("test"), num_samples=num_samples, sample_chunk=run.config["predict"]["sample_chunk"])
+    bins = run.config["predict"]["ece_bins"]
+    classes = getattr(run.data.test, "classes", None)
+    written = [
+        save_figure(reliability_diagram(prediction.probs, prediction.labels, bins), out / "reliability.png"),
+        save_figure(class_confidence(prediction.probs, prediction.labels, classes), out / "class_confidence.png"),
+    ]
+    log = run_dir / "log.jsonl"
+    if log.is_file():
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        written.append(save_figure(training_curves(records), out / "training_curves.png"))
+    if "sharing" in run.outputs:
+        plan = SharingPlan.from_state(run.outputs["sharing"]["plan"])
+        _, _, stage1 = load_run_model(run_dir, data_dir, stage="mean_field")
+        moments = stage1.posterior_moments()
+        loc = torch.cat([moments[n][0].reshape(-1) for n in plan.site_names])
+        scale = torch.cat([moments[n][1].reshape(-1) for n in plan.site_names])
+        written.append(save_figure(sharing_plane(loc, scale, plan), out / "sharing_plane.png"))
+    metrics = classification_metrics(prediction.probs, prediction.labels, bins)
+    summary = out / "summary.md"
+    summary.write_text(
+        f"# {run.config['method']} on {run.config['dataset']} ({run.config['model']})\n\n"
+        f"```\n{format_table({'stages': run.results})}\n```\n\n"
+        f"Test predictions drawn here ({num_samples} posterior draws per image): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        + "\n\n"
+        + "".join(f"![{p.stem}]({p.name})\n" for p in written)
+    )
+    return [*written, summary]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        paths = diagnose_run(args.run_dir, args.data_dir, args.samples)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Pictures of a run: the (mu, sigma) plane of a sharing plan (paper figures 2 and 3),
+per-class confidence (figure 2, right) and training curves.
+
+Every function draws on a given Axes or on a new pyplot-free Figure (safe under Agg, in
+threads and in notebooks) and returns the Axes; ``save_figure`` writes a PNG. The
+reliability diagram lives in :mod:`pyro_gbnn.metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.collections import EllipseCollection
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from pyro_gbnn.sharing.plan import SharingPlan
+
+__all__ = ["sharing_plane", "class_confidence", "training_curves", "save_figure"]
+
+
+def _axes(ax: Axes | None, size: tuple[float, float] = (6.0, 4.5)) -> Axes:
+    return ax if ax is not None else Figure(figsize=size).add_subplot()
+
+
+def save_figure(ax: Axes, path: str | Path) -> Path:
+    """Write the Axes' figure as a PNG (150 dpi, tight) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ax.figure.savefig(path, dpi=150, bbox_inches="tight")
+    return path
+
+
+def _ellipses(means: np.ndarray, covs: np.ndarray, n_sigma: float, ax: Axes, **style) -> None:
+    """n-sigma ellipses of 2D Gaussians as one collection (thousands draw at once)."""
+    values, vectors = np.linalg.eigh(covs)
+    widths = 2 * n_sigma * np.sqrt(np.clip(values[:, 1], 0, None))
+    heights = 2 * n_sigma * np.sqrt(np.clip(values[:, 0], 0, None))
+    angles = np.degrees(np.arctan2(vectors[:, 1, 1], vectors[:, 0, 1]))
+    ax.add_collection(
+        EllipseCollection(widths, heights, angles, units="xy", offsets=means, offset_transform=ax.transData, **style)
+    )
+
+
+def sharing_plane(
+    loc: Tensor,
+    scale: Tensor,
+    plan: SharingPlan,
+    ax: Axes | None = None,
+    max_points: int = 20_000,
+    seed: int = 0,
+) -> Axes:
+    """Every weight's (mean, std) with the plan's roles, and the components' 1- and
+    2-sigma ellipses: inliers grey, outliers red, ellipse weights yellow, centres blue.
+
+    Args:
+        loc, scale: the weights' stage-1 means and stds, flat in site order (what stage 2
+            clustered; e.g. ``torch.cat`` of ``MeanFieldGuide.posterior_moments()``).
+        plan: the :class:`SharingPlan` built from them.
+        max_points: inliers drawn at most (a random subset); outliers and ellipse
+            weights are drawn up to the same number each.
+    """
+    if loc.numel() != plan.num_weights or scale.numel() != plan.num_weights:
+        raise ValueError(f"loc and scale must hold the plan's {plan.num_weights} weights, got {loc.numel()} and {scale.numel()}")
+    ax = _axes(ax)
+    generator = torch.Generator().manual_seed(seed)
+    loc, scale = loc.detach().reshape(-1).cpu(), scale.detach().reshape(-1).cpu()
+    for index, colour, label, size in (
+        (plan.inlier_index, "0.6", "inliers", 2),
+        (plan.outlier_index, "tab:red", "outliers", 4),
+        (plan.ellipse_index, "gold", "ellipse weights", 8),
+    ):
+        index = index.long()
+        if index.numel() > max_points:
+            index = index[torch.randperm(index.numel(), generator=generator)[:max_points]]
+        ax.scatter(loc[index], scale[index], s=size, c=colour, label=f"{label} ({_count(plan, label)})", linewidths=0)
+    means, covs = plan.means.double().numpy(), plan.covs.double().numpy()
+    _ellipses(means, covs, 1.0, ax, facecolors="none", edgecolors="tab:blue", linewidths=0.6)
+    _ellipses(means, covs, 2.0, ax, facecolors="none", edgecolors="tab:blue", linewidths=0.4, linestyles="dotted")
+    ax.scatter(means[:, 0], means[:, 1], s=3, c="tab:blue", label=f"centres ({plan.num_components})", linewidths=0)
+    ax.set_xlabel("mean of a weight, mu")
+    ax.set_ylabel("std of a weight, sigma")
+    ax.set_title("stage 2: weights and shared 2D Gaussians (1 and 2 sigma)")
+    ax.legend(loc="upper right", fontsize="small", markerscale=3)
+    return ax
+
+
+def _count(plan: SharingPlan, label: str) -> int:
+    index = {"inliers": plan.inlier_index, "outliers": plan.outlier_index, "ellipse weights": plan.ellipse_index}[label]
+    return int(index.numel())
+
+
+def class_confidence(probs: Tensor, labels: Tensor, class_names: list[str] | None = None, ax: Axes | None = None) -> Axes:
+    """Box plots of the predictive confidence (top-1 probability) per true class, with the
+    mean above each box (paper figure 2, right). probs [N, C], labels [N]."""
+    if probs.dim() != 2 or labels.shape != probs.shape[:1]:
+        raise ValueError(f"need probs [N, C] and labels [N], got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    n_classes = probs.shape[1]
+    names = class_names or [str(c) for c in range(n_classes)]
+    ax = _axes(ax, (max(6.0, 0.6 * n_classes), 4.0))
+    confidence = probs.max(-1).values.cpu().numpy()
+    labels = labels.cpu().numpy()
+    groups = [confidence[labels == c] for c in range(n_classes)]
+    ax.boxplot([g if g.size else [math.nan] for g in groups], showfliers=False)
+    ax.set_xticks(range(1, n_classes + 1), names, rotation=45 if n_classes > 10 or max(map(len, names)) > 3 else 0)
+    for position, group in enumerate(groups, start=1):
+        if group.size:
+            ax.text(position, 1.02, f"{group.mean():.2f}", ha="center", va="bottom", fontsize="x-small")
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("true class")
+    ax.set_ylabel("confidence (top-1 probability)")
+    return ax
+
+
+def training_curves(records: list[dict], ax: Axes | None = None) -> Axes:
+    """Training loss (left axis, log scale) and evaluation accuracy (right axis) per epoch,
+    stage after stage, from the records of a run's ``log.jsonl``."""
+    ax = _axes(ax, (7.0, 4.0))
+    epochs = [r for r in records if "epoch" in r and "loss" in r]
+    if not epochs:
+        raise ValueError("no epoch records (with 'epoch' and 'loss') to draw")
+    x = np.arange(1, len(epochs) + 1)
+    ax.plot(x, [r["loss"] for r in epochs], "o-", color="tab:blue", label="training loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch, over all stages")
+    ax.set_ylabel("training loss (per example)")
+    right = ax.twinx()
+    evaluated = [(i, r["eval"]["accuracy"]) for i, r in zip(x, epochs) if "eval" in r]
+    if evaluated:
+        right.plot(*zip(*evaluated), "s--", color="tab:orange", label="evaluation accuracy")
+    right.set_ylabel("evaluation accuracy")
+    stages = [r["stage"] for r in epochs]
+    for i in range(1, len(stages)):
+        if stages[i] != stages[i - 1]:
+            ax.axvline(x[i] - 0.5, color="0.7", linewidth=0.8)
+    for stage in dict.fromkeys(stages):
+        first = stages.index(stage)
+        ax.annotate(stage, (x[first] - 0.4, 1.0), xycoords=("data", "axes fraction"), va="top", fontsize="x-small")
+    return ax
