@@ -383,7 +383,11 @@ def load_run_model(
         return run, bnn, guide
     bnn = build_bnn(net, config, len(data.train))
     guide = _shared_guide(run, bnn, SharingPlan.from_state(run.outputs["sharing"]["plan"]))
-    AnalyticKL_ELBO(bnn, guide).load_state_dict(run.outputs["fine_tune"]["elbo"])
+    try:
+        AnalyticKL_ELBO(bnn, guide).load_state_dict(run.outputs["fine_tune"]["elbo"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()[:160]
+        raise UsageError(f"the 2DGBNN guide in {str(out)!r} was written by another version of pyro_gbnn ({first}); re-run its stages 2 and 3") from None
     return run, bnn, guide
 
 

@@ -52,6 +52,7 @@ def sharing_plane(
     plan: SharingPlan,
     ax: Axes | None = None,
     max_points: int = 20_000,
+    max_ellipses: int = 150,
     seed: int = 0,
 ) -> Axes:
     """Every weight's (mean, std) with the plan's roles, and the components' 1- and
@@ -63,6 +64,8 @@ def sharing_plane(
         plan: the :class:`SharingPlan` built from them.
         max_points: inliers drawn at most (a random subset); outliers and ellipse
             weights are drawn up to the same number each.
+        max_ellipses: components whose ellipses are drawn (a random subset; thousands
+            would cover the cloud); every centre is drawn.
     """
     if loc.numel() != plan.num_weights or scale.numel() != plan.num_weights:
         raise ValueError(f"loc and scale must hold the plan's {plan.num_weights} weights, got {loc.numel()} and {scale.numel()}")
@@ -79,12 +82,13 @@ def sharing_plane(
             index = index[torch.randperm(index.numel(), generator=generator)[:max_points]]
         ax.scatter(loc[index], scale[index], s=size, c=colour, label=f"{label} ({_count(plan, label)})", linewidths=0)
     means, covs = plan.means.double().numpy(), plan.covs.double().numpy()
-    _ellipses(means, covs, 1.0, ax, facecolors="none", edgecolors="tab:blue", linewidths=0.6)
-    _ellipses(means, covs, 2.0, ax, facecolors="none", edgecolors="tab:blue", linewidths=0.4, linestyles="dotted")
+    shown = torch.randperm(len(means), generator=generator)[:max_ellipses].numpy()
     ax.scatter(means[:, 0], means[:, 1], s=3, c="tab:blue", label=f"centres ({plan.num_components})", linewidths=0)
+    _ellipses(means[shown], covs[shown], 1.0, ax, facecolors="none", edgecolors="navy", linewidths=0.6)
+    _ellipses(means[shown], covs[shown], 2.0, ax, facecolors="none", edgecolors="navy", linewidths=0.4, linestyles="dotted")
     ax.set_xlabel("mean of a weight, mu")
     ax.set_ylabel("std of a weight, sigma")
-    ax.set_title("stage 2: weights and shared 2D Gaussians (1 and 2 sigma)")
+    ax.set_title(f"stage 2: weights and shared 2D Gaussians ({min(max_ellipses, len(means))} with 1 and 2 sigma)")
     ax.legend(loc="upper right", fontsize="small", markerscale=3)
     return ax
 
