@@ -50,7 +50,7 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
     num_samples = 1 if guide is None else samples or run.config["predict"]["num_samples"]
     prediction = predict(network, guide, run.loader("test"), num_samples=num_samples, sample_chunk=run.config["predict"]["sample_chunk"])
     bins = run.config["predict"]["ece_bins"]
-    classes = getattr(run.data.test, "classes", None)
+    classes = run.data.classes
     written = [
         save_figure(reliability_diagram(prediction.probs, prediction.labels, bins), out / "reliability.png"),
         save_figure(class_confidence(prediction.probs, prediction.labels, classes), out / "class_confidence.png"),

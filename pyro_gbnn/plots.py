@@ -128,20 +128,23 @@ def training_curves(records: list[dict], ax: Axes | None = None) -> Axes:
     if not epochs:
         raise ValueError("no epoch records (with 'epoch' and 'loss') to draw")
     x = np.arange(1, len(epochs) + 1)
-    ax.plot(x, [r["loss"] for r in epochs], "o-", color="tab:blue", label="training loss")
+    stages = [r["stage"] for r in epochs]
+    for stage in dict.fromkeys(stages):  # one line per stage: their losses hold different KL terms
+        at = [i for i, s in enumerate(stages) if s == stage]
+        ax.plot(x[at], [epochs[i]["loss"] for i in at], "o-", color="tab:blue")
     ax.set_yscale("log")
     ax.set_xlabel("epoch, over all stages")
-    ax.set_ylabel("training loss (per example)")
+    ax.set_ylabel("training loss per example (circles)")
     right = ax.twinx()
     evaluated = [(i, r["eval"]["accuracy"]) for i, r in zip(x, epochs) if "eval" in r]
     if evaluated:
-        right.plot(*zip(*evaluated), "s--", color="tab:orange", label="evaluation accuracy")
-    right.set_ylabel("evaluation accuracy")
-    stages = [r["stage"] for r in epochs]
+        right.plot(*zip(*evaluated), "s--", color="tab:orange")
+    right.set_ylabel("evaluation accuracy (squares)")
     for i in range(1, len(stages)):
         if stages[i] != stages[i - 1]:
             ax.axvline(x[i] - 0.5, color="0.7", linewidth=0.8)
+    ax.set_xlim(0.5, len(x) + 0.5)
     for stage in dict.fromkeys(stages):
         first = stages.index(stage)
-        ax.annotate(stage, (x[first] - 0.4, 1.0), xycoords=("data", "axes fraction"), va="top", fontsize="x-small")
+        ax.text(x[first] - 0.45, 0.98, stage, transform=ax.get_xaxis_transform(), va="top", fontsize="x-small")
     return ax
