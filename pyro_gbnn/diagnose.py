@@ -4,7 +4,8 @@ Writes into ``RUN_DIR/diagnostics/``: ``reliability.png`` (accuracy per confiden
 ECE), ``class_confidence.png`` (confidence per true class), ``training_curves.png`` (loss
 and evaluation accuracy per epoch, all stages), for 2DGBNN runs ``sharing_plane.png`` (the
 stage-1 (mu, sigma) of every weight with the plan's roles and components), and
-``summary.md`` (the run's table and the test metrics of these predictions). Bad input
+``summary.md`` (the run's table, the test metrics of these predictions, the Pareto k-hat
+of the variational fit where the guide has a density over the weights, and PSIS-LOO). Bad input
 prints one line on stderr and exits with 2.
 """
 
@@ -67,6 +68,7 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
         scale = torch.cat([moments[n][1].reshape(-1) for n in plan.site_names])
         written.append(save_figure(sharing_plane(loc, scale, plan), out / "sharing_plane.png"))
     metrics = classification_metrics(prediction.probs, prediction.labels, bins)
+    fit = _variational_fit(run, network, guide, num_samples) if guide is not None else []
     summary = out / "summary.md"
     summary.write_text(
         f"# {run.config['method']} on {run.config['dataset']} ({run.config['model']})\n\n"
@@ -74,9 +76,43 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
         f"Test predictions drawn here ({num_samples} posterior draws per image): "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         + "\n\n"
+        + "".join(f"{line}\n" for line in fit)
+        + "\n"
         + "".join(f"![{p.stem}]({p.name})\n" for p in written)
     )
     return [*written, summary]
+
+
+def _first_examples(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys, seen = [], [], 0
+    for x, y in loader:
+        xs.append(x[: count - seen])
+        ys.append(y[: count - seen])
+        seen += len(ys[-1])
+        if seen == count:
+            break
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _variational_fit(run, network, guide, num_samples: int, examples: int = 1000) -> list[str]:
+    """Lines for summary.md: Pareto k-hat of q on training examples, PSIS-LOO on test examples."""
+    import arviz as az
+
+    from pyro_gbnn.diagnostics import khat_reading, to_inference_data, variational_khat
+
+    lines = []
+    x, y = _first_examples(run.loader("train"), examples)
+    try:
+        khat, _ = variational_khat(network, guide, x, y, num_samples=max(num_samples, 100))
+        lines.append(f"- Pareto k-hat of p(w, D) / q(w) ({len(y)} training examples scaled to the data set): {khat:.2f}, {khat_reading(khat)}")
+    except UsageError as err:
+        lines.append(f"- Pareto k-hat: not defined here ({err})")
+    x, y = _first_examples(run.loader("test"), examples)
+    idata = to_inference_data(guide, num_samples=num_samples, bnn=network, data=(x, y))
+    loo = az.loo(idata, pointwise=True)
+    bad = int((loo.pareto_k > 0.7).sum())
+    lines.append(f"- PSIS-LOO on {len(y)} test examples: elpd_loo {float(loo.elpd_loo):.1f} (SE {float(loo.se):.1f}), p_loo {float(loo.p_loo):.1f}, {bad} points with k > 0.7")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

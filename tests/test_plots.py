@@ -62,6 +62,17 @@ def test_diagnose_writes_the_pictures_and_summary_of_a_2dgbnn_run(fake_mnist, tm
     assert "fine_tune" in summary and "accuracy" in summary
     metrics = json.loads((out / "metrics.json").read_text())
     assert f"{metrics['stages']['fine_tune']['accuracy']:.4f}" in summary
+    assert "k-hat: not defined here" in summary, "the tied guide has no density over the weights"
+    assert "PSIS-LOO on 128 test examples" in summary
+
+
+def test_diagnose_reports_the_khat_of_a_mean_field_run(fake_mnist, tmp_path):
+    out = tmp_path / "m"
+    pipeline.run_fit(tiny_config(fake_mnist, "mean-field"), out)
+    assert diagnose_main([str(out), "--samples", "2"]) == 0
+    summary = (out / "diagnostics" / "summary.md").read_text()
+    assert "Pareto k-hat of p(w, D) / q(w) (256 training examples" in summary
+    assert "sharing_plane" not in summary
 
 
 def test_diagnose_names_bad_input_in_one_line(tmp_path, capsys):

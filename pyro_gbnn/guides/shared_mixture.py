@@ -323,6 +323,14 @@ class SharedMixtureGuide(PyroModule):
         loc, scale = self._normal_moments(torch.Size([num_samples]))
         return self._split(loc + scale * torch.randn_like(loc))
 
+    @torch.no_grad()
+    def sample_components(self, num_samples: int) -> torch.Tensor:
+        """[S, K_alive, 2] draws of the alive components' (mean, std) from N(m_k, Sigma_k)."""
+        slots = self.alive.nonzero().squeeze(-1)
+        centre = torch.stack([self.centre_mu, self.component_scale()], -1)[slots]
+        eps = torch.randn(num_samples, slots.numel(), 2, 1, device=centre.device)
+        return centre + (self.component_cholesky()[slots] @ eps).squeeze(-1)
+
     # ----- KL -----------------------------------------------------------------------
     def kl_divergence(self, bnn: BayesianNetwork | None = None) -> torch.Tensor:
         """The mixture KL term plus the outliers' KL (see the module doc for what each is)."""
