@@ -6,7 +6,7 @@ Importing the package switches Pyro to module-local parameters
 """
 
 from pyro_gbnn import metrics
-from pyro_gbnn.diagnostics import to_inference_data
+from pyro_gbnn.diagnostics import khat_reading, to_inference_data, variational_khat
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.config import DEFAULTS, apply_overrides, load_config
 from pyro_gbnn.data import load_dataset, make_loader
@@ -14,7 +14,7 @@ from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.guides import MeanFieldGuide, SiteGuide, site_key
 from pyro_gbnn.likelihoods import Categorical, Gaussian
 from pyro_gbnn.models import build_model
-from pyro_gbnn.pipeline import run_fit
+from pyro_gbnn.pipeline import load_run_model, run_fit
 from pyro_gbnn.predict import predict
 from pyro_gbnn.priors import IIDNormalPrior, LayerwiseNormalPrior, Prior, ScaleMixturePrior
 
@@ -32,14 +32,17 @@ __all__ = [
     "SiteGuide",
     "apply_overrides",
     "build_model",
+    "khat_reading",
     "load_config",
     "load_dataset",
+    "load_run_model",
     "make_loader",
     "metrics",
     "predict",
     "run_fit",
     "site_key",
     "to_inference_data",
+    "variational_khat",
 ]
 
 __version__ = "0.1.0"

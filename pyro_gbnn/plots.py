@@ -1,5 +1,6 @@
 """Pictures of a run: the (mu, sigma) plane of a sharing plan (paper figures 2 and 3),
-per-class confidence (figure 2, right) and training curves.
+per-class confidence (figure 2, right), training curves and predictive entropy in and out
+of distribution.
 
 Every function draws on a given Axes or on a new pyplot-free Figure (safe under Agg, in
 threads and in notebooks) and returns the Axes; ``save_figure`` writes a PNG. The
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from pyro_gbnn.sharing.plan import SharingPlan
 
-__all__ = ["sharing_plane", "class_confidence", "training_curves", "save_figure"]
+__all__ = ["sharing_plane", "class_confidence", "training_curves", "entropy_histograms", "save_figure"]
 
 
 def _axes(ax: Axes | None, size: tuple[float, float] = (6.0, 4.5)) -> Axes:
@@ -147,4 +148,22 @@ def training_curves(records: list[dict], ax: Axes | None = None) -> Axes:
     for stage in dict.fromkeys(stages):
         first = stages.index(stage)
         ax.text(x[first] - 0.45, 0.98, stage, transform=ax.get_xaxis_transform(), va="top", fontsize="x-small")
+    return ax
+
+
+def entropy_histograms(
+    probs_in: Tensor, probs_out: Tensor, names: tuple[str, str] = ("in-distribution", "out-of-distribution"), ax: Axes | None = None
+) -> Axes:
+    """Histograms of the predictive entropy (nats) of two sets of predictions [N, C]: a BNN
+    that knows what it does not know puts the out-of-distribution set to the right."""
+    from pyro_gbnn.metrics import predictive_entropy
+
+    ax = _axes(ax)
+    top = math.log(probs_in.shape[1])
+    bins = np.linspace(0, top, 31)
+    for probs, name, colour in ((probs_in, names[0], "tab:blue"), (probs_out, names[1], "tab:red")):
+        ax.hist(predictive_entropy(probs).cpu().numpy(), bins=bins, alpha=0.6, color=colour, label=name, density=True)
+    ax.set_xlabel(f"predictive entropy (nats; log C = {top:.2f})")
+    ax.set_ylabel("density")
+    ax.legend()
     return ax

@@ -7,7 +7,7 @@ import torch
 
 from pyro_gbnn import pipeline
 from pyro_gbnn.diagnose import main as diagnose_main
-from pyro_gbnn.plots import class_confidence, save_figure, sharing_plane, training_curves
+from pyro_gbnn.plots import class_confidence, entropy_histograms, save_figure, sharing_plane, training_curves
 from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
 
 from tests.test_fit import GBNN, tiny_config
@@ -41,6 +41,8 @@ def test_class_confidence_and_training_curves_write_pngs(tmp_path):
     probs = torch.softmax(torch.randn(200, 10), -1)
     labels = torch.randint(0, 10, (200,))
     assert is_png(save_figure(class_confidence(probs, labels), tmp_path / "conf.png"))
+    flat = torch.full((200, 10), 0.1)
+    assert is_png(save_figure(entropy_histograms(probs, flat), tmp_path / "entropy.png"))
     records = [
         {"stage": "deterministic", "epoch": 1, "loss": 1.0, "eval": {"accuracy": 0.5}},
         {"stage": "mean_field", "epoch": 1, "loss": 0.5},
@@ -56,7 +58,9 @@ def test_diagnose_writes_the_pictures_and_summary_of_a_2dgbnn_run(fake_mnist, tm
     pipeline.run_fit(tiny_config(fake_mnist, "2dgbnn", GBNN), out)
     assert diagnose_main([str(out), "--samples", "2"]) == 0
     pictures = sorted((out / "diagnostics").glob("*.png"))
-    assert {p.name for p in pictures} == {"reliability.png", "class_confidence.png", "training_curves.png", "sharing_plane.png"}
+    assert {p.name for p in pictures} == {
+        "reliability.png", "class_confidence.png", "training_curves.png", "sharing_plane.png", "entropy_ood.png"
+    }
     assert all(is_png(p) for p in pictures)
     summary = (out / "diagnostics" / "summary.md").read_text()
     assert "fine_tune" in summary and "accuracy" in summary
@@ -64,6 +68,7 @@ def test_diagnose_writes_the_pictures_and_summary_of_a_2dgbnn_run(fake_mnist, tm
     assert f"{metrics['stages']['fine_tune']['accuracy']:.4f}" in summary
     assert "k-hat: not defined here" in summary, "the tied guide has no density over the weights"
     assert "PSIS-LOO on 128 test examples" in summary
+    assert "predictive-entropy AUROC" in summary
 
 
 def test_diagnose_reports_the_khat_of_a_mean_field_run(fake_mnist, tmp_path):
