@@ -30,7 +30,7 @@ class SharingSettings:
 
     Merging (see :mod:`pyro_gbnn.sharing.merging`) follows the authors' released code: a
     pair merges when its squared W2 distance is below ``merge_tau_w2sq`` (App. H: 1.5e-7),
-    it is among each other's ``merge_neighbours`` nearest centres, the gradient step
+    one is among the other's ``merge_neighbours`` nearest centres, the gradient step
     ``|grad| x merge_grad_lr`` at both centres is below ``merge_tau_grad_step`` and both
     covariance traces are below ``merge_tau_var``; ``merge_rule`` says how a pair becomes
     one (``authors``: averaged means and covariances). None switches a test off.
