@@ -5,10 +5,10 @@ ECE), ``class_confidence.png`` (confidence per true class), ``training_curves.pn
 and evaluation accuracy per epoch, all stages), ``entropy_ood.png`` (predictive entropy of
 test images and of the same images with their pixels shuffled), for 2DGBNN runs
 ``sharing_plane.png`` (the stage-1 (mu, sigma) of every weight with the plan's roles and
-components), and ``summary.md`` (the run's table, the test metrics of these predictions,
-the Pareto k-hat of the variational fit where the guide has a density over the weights,
-PSIS-LOO and the out-of-distribution AUROC). Bad input prints one line on stderr and
-exits with 2.
+components) and ``merging.png`` (the mixture before and after merging), and
+``summary.md`` (the run's table, the test metrics of these predictions, the Pareto k-hat
+of the variational fit where the guide has a density over the weights, PSIS-LOO and the
+out-of-distribution AUROC). Bad input prints one line on stderr and exits with 2.
 """
 
 from __future__ import annotations
@@ -38,7 +38,14 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
     from pyro_gbnn.fit import format_table
     from pyro_gbnn.metrics import classification_metrics, ood_metrics, reliability_diagram
     from pyro_gbnn.pipeline import load_run_model
-    from pyro_gbnn.plots import class_confidence, entropy_histograms, save_figure, sharing_plane, training_curves
+    from pyro_gbnn.plots import (
+        class_confidence,
+        entropy_histograms,
+        merging_side_by_side,
+        save_figure,
+        sharing_plane,
+        training_curves,
+    )
     from pyro_gbnn.predict import predict
     from pyro_gbnn.sharing.plan import SharingPlan
 
@@ -69,6 +76,8 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
         loc = torch.cat([moments[n][0].reshape(-1) for n in plan.site_names])
         scale = torch.cat([moments[n][1].reshape(-1) for n in plan.site_names])
         written.append(save_figure(sharing_plane(loc, scale, plan), out / "sharing_plane.png"))
+        if plan.merged_from is not None:
+            written.append(save_figure(merging_side_by_side(loc, scale, plan), out / "merging.png"))
     x, y = _first_examples(run.loader("test"), 1000)
     shuffled = _pixel_shuffled(x, run.config["seed"])
     predict_chunk = dict(num_samples=num_samples, sample_chunk=run.config["predict"]["sample_chunk"])

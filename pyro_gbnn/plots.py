@@ -21,7 +21,7 @@ from torch import Tensor
 
 from pyro_gbnn.sharing.plan import SharingPlan
 
-__all__ = ["sharing_plane", "class_confidence", "training_curves", "entropy_histograms", "save_figure"]
+__all__ = ["sharing_plane", "merging_side_by_side", "class_confidence", "training_curves", "entropy_histograms", "save_figure"]
 
 
 def _axes(ax: Axes | None, size: tuple[float, float] = (6.0, 4.5)) -> Axes:
@@ -92,6 +92,29 @@ def sharing_plane(
     ax.set_title(f"stage 2: weights and shared 2D Gaussians ({min(max_ellipses, len(means))} with 1 and 2 sigma)")
     ax.legend(loc="upper right", fontsize="small", markerscale=3)
     return ax
+
+
+def merging_side_by_side(loc: Tensor, scale: Tensor, plan: SharingPlan, max_ellipses: int = 150, seed: int = 0) -> Axes:
+    """Two panels: the mixture after dissolving and before merging (with the weights it
+    clustered), and the plan after merging (:func:`sharing_plane`). Returns the right Axes."""
+    if plan.merged_from is None:
+        raise ValueError("the plan keeps no mixture from before merging (built with merge=false or by an older version)")
+    figure = Figure(figsize=(12.0, 4.5))
+    left, right = figure.subplots(1, 2, sharex=True, sharey=True)
+    inliers = torch.cat([plan.inlier_index, plan.ellipse_index]).long()
+    generator = torch.Generator().manual_seed(seed)
+    shown = inliers[torch.randperm(inliers.numel(), generator=generator)[:20_000]]
+    left.scatter(loc.reshape(-1)[shown], scale.reshape(-1)[shown], s=2, c="0.6", linewidths=0)
+    means, covs = plan.merged_from["means"].double().numpy(), plan.merged_from["covs"].double().numpy()
+    pick = torch.randperm(len(means), generator=generator)[:max_ellipses].numpy()
+    left.scatter(means[:, 0], means[:, 1], s=3, c="tab:blue", linewidths=0)
+    _ellipses(means[pick], covs[pick], 1.0, left, facecolors="none", edgecolors="navy", linewidths=0.6)
+    left.set_title(f"before merging: {len(means)} components")
+    left.set_xlabel("mean of a weight, mu")
+    left.set_ylabel("std of a weight, sigma")
+    sharing_plane(loc, scale, plan, ax=right, max_ellipses=max_ellipses, seed=seed)
+    right.set_title(f"after merging: {plan.num_components} components")
+    return right
 
 
 def _count(plan: SharingPlan, label: str) -> int:

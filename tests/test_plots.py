@@ -7,7 +7,14 @@ import torch
 
 from pyro_gbnn import pipeline
 from pyro_gbnn.diagnose import main as diagnose_main
-from pyro_gbnn.plots import class_confidence, entropy_histograms, save_figure, sharing_plane, training_curves
+from pyro_gbnn.plots import (
+    class_confidence,
+    entropy_histograms,
+    merging_side_by_side,
+    save_figure,
+    sharing_plane,
+    training_curves,
+)
 from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
 
 from tests.test_fit import GBNN, tiny_config
@@ -33,6 +40,12 @@ def test_sharing_plane_draws_every_role_and_the_components(tmp_path):
     assert any(label.startswith("outliers") for label in labels) and any(label.startswith("centres") for label in labels)
     assert len(ax.collections) >= 2 + 3, "two ellipse collections and the scatters"
     assert is_png(save_figure(ax, tmp_path / "plane.png"))
+    right = merging_side_by_side(*moments["w"], plan)
+    assert right.get_title() == f"after merging: {plan.num_components} components"
+    assert is_png(save_figure(right, tmp_path / "merging.png"))
+    unmerged = build_sharing_plan(moments, grads, SharingSettings(num_components=8, min_cluster_size=5, gmm_max_epochs=10, merge=False))
+    with pytest.raises(ValueError, match="before merging"):
+        merging_side_by_side(*moments["w"], unmerged)
     with pytest.raises(ValueError, match="plan's 3000 weights"):
         sharing_plane(moments["w"][0][:10], moments["w"][1][:10], plan)
 
@@ -59,7 +72,7 @@ def test_diagnose_writes_the_pictures_and_summary_of_a_2dgbnn_run(fake_mnist, tm
     assert diagnose_main([str(out), "--samples", "2"]) == 0
     pictures = sorted((out / "diagnostics").glob("*.png"))
     assert {p.name for p in pictures} == {
-        "reliability.png", "class_confidence.png", "training_curves.png", "sharing_plane.png", "entropy_ood.png"
+        "reliability.png", "class_confidence.png", "training_curves.png", "sharing_plane.png", "entropy_ood.png", "merging.png"
     }
     assert all(is_png(p) for p in pictures)
     summary = (out / "diagnostics" / "summary.md").read_text()

@@ -70,12 +70,17 @@ def test_saved_plan_reloads_bit_exactly(tmp_path):
     plan = make_plan(small_bnn())
     save_checkpoint(tmp_path / "plan.pt", {"plan": plan.to_state()})
     loaded = SharingPlan.from_state(load_checkpoint(tmp_path / "plan.pt")["plan"])
+    assert plan.merged_from is not None
     for field, value in plan.to_state().items():
         other = getattr(loaded, field)
         if isinstance(value, torch.Tensor):
             assert value.dtype == other.dtype and torch.equal(value, other), field
+        elif field == "merged_from":
+            assert all(torch.equal(value[k], other[k]) for k in ("means", "covs"))
         else:
             assert value == other, field
+    older = {k: v for k, v in plan.to_state().items() if k != "merged_from"}  # plans saved before it existed
+    assert SharingPlan.from_state(older).merged_from is None
 
 
 def test_tied_guide_shares_one_draw_per_component_and_redraws_across_samples():

@@ -132,7 +132,9 @@ def build_sharing_plan(
     counts = torch.bincount(assign, minlength=means.shape[0]).double()
     report["n_gaussians_after_dissolving"] = int(means.shape[0])
 
+    merged_from = None
     if settings.merge and means.shape[0] > 1:
+        merged_from = {"means": means.float().clone(), "covs": covs.float().clone()}
         member_grad = grad[inlier_pos].double() if grad is not None else torch.zeros(inlier_pos.numel(), dtype=torch.float64)
         grad_sum = torch.zeros(means.shape[0], dtype=torch.float64).index_add_(0, assign, member_grad)
         step_at_centres = grad_sum / counts.clamp_min(1) * settings.merge_grad_lr
@@ -178,6 +180,7 @@ def build_sharing_plan(
         ellipse_components=ell_comps.to(comp_dtype),
         ellipse_alphas=ell_alphas.float(),
         report=report,
+        merged_from=merged_from,
     )
     plan.check()
     report.update(

@@ -53,6 +53,7 @@ class SharingPlan:
     ellipse_components: torch.Tensor
     ellipse_alphas: torch.Tensor
     report: dict[str, Any]
+    merged_from: dict[str, torch.Tensor] | None = None  # {"means", "covs"} before merging, for pictures
 
     @property
     def num_weights(self) -> int:
@@ -86,10 +87,10 @@ class SharingPlan:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "SharingPlan":
-        missing = [f.name for f in fields(cls) if f.name not in state]
+        missing = [f.name for f in fields(cls) if f.name not in state and f.name != "merged_from"]
         if missing:
             raise ValueError(f"sharing plan state lacks {missing}; it was not written by SharingPlan.to_state")
-        return cls(**{f.name: state[f.name] for f in fields(cls)})
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
 
     def check(self) -> None:
         """Every weight has exactly one role; raises ValueError otherwise."""
