@@ -10,7 +10,8 @@ at the end, ``metrics.json``.
 Size accounting (``n_params_trainable``, ``size_bytes``): every value the optimizer
 updates (``requires_grad``), counted once (for a mean-field BNN: a mean and a scale per
 Bayesian weight plus the deterministic normalisation parameters; for 2DGBNN only the
-component values its semantics trains); ``size_bytes`` = 4 bytes per such value (fp32). Buffers (BatchNorm running statistics) are not counted. Compressed stages count
+component values its semantics trains); ``size_bytes`` = 4 bytes per such value (fp32).
+Buffers (BatchNorm running statistics) are not counted. Compressed stages count
 what they deploy instead: spike-and-slab the kept weights, SSVI the active ones, INT8 the
 packed codes (each stage's code says how).
 """
