@@ -439,22 +439,24 @@ def _finish_shared_stage(run: FitRun, stage: str, bnn, guide: SharedMixtureGuide
     result["size_bytes_with_index"] = result["size_bytes"] + plan.index_bytes()
 
 
+def _sharing_settings(run: FitRun) -> SharingSettings:
+    """Stage 2's settings from the ``sharing`` section (less ``grad_batches``) and the run's seed."""
+    section = {k: v for k, v in run.config["sharing"].items() if k != "grad_batches"}
+    return SharingSettings.from_dict(section | {"seed": run.config["seed"]})
+
+
 def _merge_every(run: FitRun, guide: SharedMixtureGuide) -> Callable[[int, torch.optim.Optimizer], None] | None:
     """``fine_tune.merge_every`` > 0: stage 2's merge tests re-run on the trained components
     after every that many epochs (not after the last), as the authors' code does."""
     every, epochs = run.config["fine_tune"].get("merge_every", 0), run.config["fine_tune"]["epochs"]  # absent in older runs
     if not every:
         return None
-    sharing = run.config["sharing"]
+    settings = _sharing_settings(run)
 
     def merge(epoch: int, optimizer: torch.optim.Optimizer) -> None:
         if epoch % every or epoch == epochs:
             return
-        retired = guide.merge_close_components(
-            optimizer, sharing["merge_tau_w2sq"], neighbours=sharing["merge_neighbours"],
-            tau_grad_step=sharing["merge_tau_grad_step"], grad_lr=sharing["merge_grad_lr"],
-            tau_var=sharing["merge_tau_var"], rule=sharing["merge_rule"],
-        )
+        retired = guide.merge_close_components(optimizer, settings)
         run.log.write({"stage": "fine_tune", "epoch": epoch, "merged": retired, "n_gaussians": int(guide.alive.sum())})
 
     return merge
@@ -469,10 +471,7 @@ def _stage_sharing(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     gradients = accumulate_gradients(
         elbo, guide, run.loader("train", epoch_after_stage1), section["grad_batches"], len(run.data.train), run.config["device"]
     )
-    settings = SharingSettings.from_dict(
-        {k: v for k, v in section.items() if k != "grad_batches"} | {"seed": run.config["seed"]}
-    )
-    plan = build_sharing_plan(guide.posterior_moments(), gradients, settings)
+    plan = build_sharing_plan(guide.posterior_moments(), gradients, _sharing_settings(run))
     atomic_write_bytes(run.out / "sharing_plan.pt", lambda handle: torch.save(plan.to_state(), handle))
     shared = _shared_guide(run, bnn, plan)
     run.stage_time["sharing"] = time.perf_counter() - started

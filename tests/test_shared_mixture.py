@@ -183,6 +183,9 @@ def test_bad_choices_are_named():
         SharedMixtureGuide(other, plan)
 
 
+TWINS_ONLY = SharingSettings(merge_tau_w2sq=1e-12, merge_neighbours=None, merge_tau_grad_step=None, merge_tau_var=None)
+
+
 def guide_with_twin_components(semantics):
     """A guide whose components 0 and 1 have been made identical, so exactly they merge."""
     bnn = small_bnn(estimator="local")
@@ -208,7 +211,7 @@ def test_merging_during_fine_tuning_retires_a_slot_that_then_never_moves(semanti
         for name in ("centre_mu", "centre_rho", "chol_log_00", "chol_10", "chol_log_11"):
             getattr(guide, name)[1] = getattr(guide, name)[0]
     kl_twins = guide.kl_divergence().item()
-    retired = guide.merge_close_components(optimizer, 1e-12, neighbours=None, tau_grad_step=None, tau_var=None)
+    retired = guide.merge_close_components(optimizer, TWINS_ONLY)
     assert retired == 1 and guide.alive.tolist()[:2] == [True, False]
     assert bool((guide.inlier_component.long()[members_of_1] == 0).all())
     assert torch.allclose(guide.counts.sum(), counts.sum()) and guide.counts[1] == 0
@@ -232,7 +235,7 @@ def test_merging_during_fine_tuning_retires_a_slot_that_then_never_moves(semanti
 
 def test_the_plan_of_a_merged_guide_rebuilds_the_same_posterior():
     bnn, guide = guide_with_twin_components("independent")
-    guide.merge_close_components(None, 1e-12, neighbours=None, tau_grad_step=None, tau_var=None)
+    guide.merge_close_components(None, TWINS_ONLY)
     rebuilt = SharedMixtureGuide(bnn, guide.plan(), semantics="independent")
     for mine, theirs in zip(guide.weight_moments(), rebuilt.weight_moments()):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)

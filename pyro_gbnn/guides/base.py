@@ -18,7 +18,7 @@ the q of one site. Everything else has a default that a guide may override:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -28,7 +28,7 @@ from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
 
-__all__ = ["BufferDict", "SiteGuide", "normal_kl", "normal_prior", "site_key"]
+__all__ = ["BufferDict", "SiteGuide", "normal_kl", "normal_prior", "site_key", "zero_optimizer_state"]
 
 
 def site_key(name: str) -> str:
@@ -54,6 +54,18 @@ def normal_prior(bnn: BayesianNetwork, name: str, guide: str) -> tuple[torch.Ten
 def normal_kl(loc: torch.Tensor, scale: torch.Tensor, prior_loc: torch.Tensor, prior_scale: torch.Tensor) -> torch.Tensor:
     """Elementwise KL(N(loc, scale^2) || N(prior_loc, prior_scale^2))."""
     return torch.log(prior_scale / scale) + (scale**2 + (loc - prior_loc) ** 2) / (2 * prior_scale**2) - 0.5
+
+
+def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor], entries: torch.Tensor) -> None:
+    """Forget the optimizer's running statistics (Adam's moments, SGD's momentum: every
+    state tensor shaped like its parameter) at the flat ``entries`` of each of ``params``,
+    so an entry a guide rewrote or retired outside the gradient step restarts from rest."""
+    if optimizer is None:
+        return
+    for param in params:
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.view(-1)[entries] = 0
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

@@ -77,10 +77,10 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
-from pyro_gbnn.guides.base import normal_prior
+from pyro_gbnn.guides.base import normal_prior, zero_optimizer_state
 from pyro_gbnn.guides.log_abs_normal import expected_log_abs_normal
 from pyro_gbnn.guides.mean_field import inverse_softplus
-from pyro_gbnn.sharing.merging import merge_components
+from pyro_gbnn.sharing.build import SharingSettings, merge_with_settings
 from pyro_gbnn.sharing.plan import SharingPlan, index_dtype
 
 __all__ = ["SharedMixtureGuide", "SEMANTICS", "COMPONENT_VALUES"]
@@ -392,27 +392,18 @@ class SharedMixtureGuide(PyroModule):
         return centre, scale_tril @ scale_tril.mT
 
     @torch.no_grad()
-    def merge_close_components(
-        self,
-        optimizer: torch.optim.Optimizer | None,
-        tau_w2sq: float | None,
-        *,
-        neighbours: int | None = 3,
-        tau_grad_step: float | None = 0.15,
-        grad_lr: float = 1e-5,
-        tau_var: float | None = 1e-3,
-        rule: str = "authors",
-    ) -> int:
+    def merge_close_components(self, optimizer: torch.optim.Optimizer | None, settings: SharingSettings) -> int:
         """Merge alive components that have come close during fine-tuning (the authors' code
         repeats stage 2's merging while it trains); returns how many components went.
 
-        The tests and rules are those of :func:`~pyro_gbnn.sharing.merging.merge_components`
-        on the current centres and covariances; the gradient step at a centre is
-        |d loss / d centre_mu| / members x ``grad_lr`` from the last step (skipped if no
-        gradient is there yet). A merged component keeps the slot of its first member;
-        the other slot is no longer ``alive``: it has no members, its KL is masked and its
-        optimizer state is zeroed, so it stays exactly where it was. The merged component
-        keeps the prior of its slot (the same for every component under an IID prior).
+        The tests and rule are stage 2's (``settings.merge_*``, see
+        :func:`~pyro_gbnn.sharing.merging.merge_components`) on the current centres and
+        covariances; the gradient step at a centre is |d loss / d centre_mu| / members x
+        ``merge_grad_lr`` from the last step (skipped if no gradient is there yet). A merged
+        component keeps the slot of its first member; the other slot is no longer ``alive``:
+        it has no members, its KL is masked and its optimizer state is zeroed, so it stays
+        exactly where it was. The merged component keeps the prior of its slot (the same for
+        every component under an IID prior).
         """
         slots = self.alive.nonzero().squeeze(-1)
         if slots.numel() < 2:
@@ -420,11 +411,8 @@ class SharedMixtureGuide(PyroModule):
         centre, covs = (t[slots].double() for t in self.component_gaussians())
         counts = self.counts[slots].double()
         grad = self.centre_mu.grad
-        step = None if grad is None else grad[slots].abs().double() / counts.clamp_min(1) * grad_lr
-        merged = merge_components(
-            centre, covs, counts, step, tau_w2sq, neighbours=neighbours,
-            tau_grad=tau_grad_step if step is not None else None, tau_var=tau_var, rule=rule,
-        )
+        step = None if grad is None else grad[slots].abs().double() / counts.clamp_min(1) * settings.merge_grad_lr
+        merged = merge_with_settings(centre, covs, counts, step, settings)
         if merged.rounds == 0:
             return 0
         k_new = merged.means.shape[0]
@@ -448,8 +436,7 @@ class SharedMixtureGuide(PyroModule):
         if self.semantics == "hierarchical":
             self._prior_sums.copy_(torch.zeros_like(self._prior_sums).index_add_(1, slot_of, self._prior_sums))
         self._derive_gathers()
-        if optimizer is not None:
-            _zero_optimizer_state(optimizer, [getattr(self, name) for name in COMPONENT_VALUES], changed)
+        zero_optimizer_state(optimizer, [getattr(self, name) for name in COMPONENT_VALUES], changed)
         return slots.numel() - k_new
 
     @torch.no_grad()
@@ -478,11 +465,3 @@ class SharedMixtureGuide(PyroModule):
             report={},
         )
 
-
-def _zero_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], entries: torch.Tensor) -> None:
-    """Forget the optimizer's running statistics at ``entries`` of ``params`` (Adam's
-    moments, SGD's momentum), so a rewritten or retired component restarts from rest."""
-    for p in params:
-        for value in optimizer.state.get(p, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                value[entries] = 0

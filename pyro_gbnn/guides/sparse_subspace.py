@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
-from pyro_gbnn.guides.base import BufferDict, SiteGuide, normal_kl, normal_prior, site_key
+from pyro_gbnn.guides.base import BufferDict, SiteGuide, normal_kl, normal_prior, site_key, zero_optimizer_state
 from pyro_gbnn.guides.mean_field import initial_scales, inverse_softplus
 
 __all__ = ["SparseSubspaceGuide", "removal_score", "REMOVAL_CRITERIA", "ADDITION_RULES"]
@@ -251,11 +251,7 @@ class SparseSubspaceGuide(SiteGuide):
         active[removed], active[added] = False, True
         changed = torch.cat([removed, added])
         mu[changed], rho[removed], rho[added] = 0.0, 0.0, new_rho
-        for param in (self.loc[key], self.rho[key]):
-            state = optimizer.state.get(param, {}) if optimizer is not None else {}
-            for value in state.values():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    value.view(-1)[changed] = 0
+        zero_optimizer_state(optimizer, (self.loc[key], self.rho[key]), changed)
 
     def active_mask(self, name: str) -> torch.Tensor:
         """Bool tensor of site ``name``'s shape, True where the weight is active."""

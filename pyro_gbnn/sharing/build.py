@@ -17,11 +17,11 @@ import torch
 
 from pyro_gbnn.sharing.blending import blend_weights, ellipse_mask, nearest_components
 from pyro_gbnn.sharing.gmm import fit_gmm_2d, gmm_assign
-from pyro_gbnn.sharing.merging import merge_components
+from pyro_gbnn.sharing.merging import MergeResult, merge_components
 from pyro_gbnn.sharing.outliers import dissolve_small_clusters, outlier_mask
 from pyro_gbnn.sharing.plan import SharingPlan, index_dtype
 
-__all__ = ["SharingSettings", "build_sharing_plan"]
+__all__ = ["SharingSettings", "build_sharing_plan", "merge_with_settings"]
 
 
 @dataclass
@@ -73,6 +73,20 @@ def _flatten(moments: dict[str, tuple[torch.Tensor, torch.Tensor]], gradients: d
         grad = torch.cat([gradients[n].reshape(-1) for n in names]).detach().float().cpu().abs()
     shapes = [list(moments[n][0].shape) for n in names]
     return names, shapes, loc, scale, grad
+
+
+def merge_with_settings(
+    means: torch.Tensor, covs: torch.Tensor, counts: torch.Tensor, step_at_centres: torch.Tensor | None, settings: SharingSettings
+) -> MergeResult:
+    """:func:`merge_components` with the ``merge_*`` tests and rule of ``settings``; the
+    gradient test is skipped when ``step_at_centres`` (|grad| x merge_grad_lr) is None."""
+    return merge_components(
+        means, covs, counts, step_at_centres, settings.merge_tau_w2sq,
+        neighbours=settings.merge_neighbours,
+        tau_grad=settings.merge_tau_grad_step if step_at_centres is not None else None,
+        tau_var=settings.merge_tau_var,
+        rule=settings.merge_rule,
+    )
 
 
 def _assign_to_ellipses(
@@ -138,13 +152,7 @@ def build_sharing_plan(
         member_grad = grad[inlier_pos].double() if grad is not None else torch.zeros(inlier_pos.numel(), dtype=torch.float64)
         grad_sum = torch.zeros(means.shape[0], dtype=torch.float64).index_add_(0, assign, member_grad)
         step_at_centres = grad_sum / counts.clamp_min(1) * settings.merge_grad_lr
-        merged = merge_components(
-            means, covs, counts, step_at_centres if grad is not None else None, settings.merge_tau_w2sq,
-            neighbours=settings.merge_neighbours,
-            tau_grad=settings.merge_tau_grad_step if grad is not None else None,
-            tau_var=settings.merge_tau_var,
-            rule=settings.merge_rule,
-        )
+        merged = merge_with_settings(means, covs, counts, step_at_centres if grad is not None else None, settings)
         means, covs, counts = merged.means, merged.covs, merged.weights
         report["merge_rounds"] = merged.rounds
         if merged.rounds:
