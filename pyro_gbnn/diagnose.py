@@ -37,7 +37,7 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
     """Write the pictures and ``summary.md`` of a finished run; returns the written paths."""
     from pyro_gbnn.fit import format_table
     from pyro_gbnn.metrics import classification_metrics, ood_metrics, reliability_diagram
-    from pyro_gbnn.pipeline import load_run_model
+    from pyro_gbnn.pipeline import model_after_stage, open_run
     from pyro_gbnn.plots import (
         class_confidence,
         entropy_histograms,
@@ -54,7 +54,8 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
         raise UsageError(f"{str(run_dir)!r} holds no checkpoint.pt; pass the --out folder of a pyro_gbnn.fit run")
     if samples is not None and samples < 1:
         raise UsageError(f"--samples must be >= 1, got {samples}")
-    run, network, guide = load_run_model(run_dir, data_dir)
+    run = open_run(run_dir, data_dir)
+    network, guide = model_after_stage(run)
     out = run_dir / "diagnostics"
     torch.manual_seed(run.config["seed"])
     num_samples = 1 if guide is None else samples or run.config["predict"]["num_samples"]
@@ -71,7 +72,7 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
         written.append(save_figure(training_curves(records), out / "training_curves.png"))
     if "sharing" in run.outputs:
         plan = SharingPlan.from_state(run.outputs["sharing"]["plan"])
-        _, _, stage1 = load_run_model(run_dir, data_dir, stage="mean_field")
+        _, stage1 = model_after_stage(run, "mean_field")
         moments = stage1.posterior_moments()
         loc = torch.cat([moments[n][0].reshape(-1) for n in plan.site_names])
         scale = torch.cat([moments[n][1].reshape(-1) for n in plan.site_names])

@@ -19,7 +19,7 @@ from pyro import poutine
 from torch import nn
 
 from pyro_gbnn.errors import UsageError
-from pyro_gbnn.predict import _logits_given, draw_weights
+from pyro_gbnn.predict import logits_for_draws
 from pyro_gbnn.reparameterization import _as_normal
 
 __all__ = ["to_inference_data", "variational_khat", "khat_reading"]
@@ -79,10 +79,10 @@ def _predictive_groups(bnn: nn.Module, draws: dict[str, torch.Tensor], x: torch.
     was_training = bnn.training
     bnn.eval()
     try:
-        num_samples = next(iter(draws.values())).shape[0]
-        logits = torch.stack([_logits_given(bnn, x, {k: v[s] for k, v in draws.items()}) for s in range(num_samples)])
+        logits = logits_for_draws(bnn, x, draws)
     finally:
         bnn.train(was_training)
+    num_samples = logits.shape[0]
     log_probs = logits.log_softmax(-1)
     pointwise = log_probs.gather(-1, y.view(1, -1, 1).expand(num_samples, -1, 1)).squeeze(-1)
     predicted = torch.distributions.Categorical(logits=logits).sample()

@@ -56,7 +56,7 @@ from pyro_gbnn.train import (
     train_epochs,
 )
 
-__all__ = ["STAGES", "TRAINING_STAGE", "run_fit", "load_run_model", "count_trainable", "build_bnn", "build_mean_field", "accumulate_gradients", "FitRun"]
+__all__ = ["STAGES", "TRAINING_STAGE", "run_fit", "load_run_model", "open_run", "model_after_stage", "count_trainable", "build_bnn", "build_mean_field", "accumulate_gradients", "FitRun"]
 
 STAGES: dict[str, tuple[str, ...]] = {
     "deterministic": ("deterministic",),
@@ -354,42 +354,53 @@ def _restore_mean_field(run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, M
     return bnn, guide, elbo
 
 
-def load_run_model(
-    out_dir: str | Path, data_dir: str | Path | None = None, stage: str | None = None
-) -> tuple[FitRun, nn.Module, nn.Module | None]:
-    """The model of a run after ``stage`` (default: its last), ready to predict: (run, network, guide).
-
-    Reads the stages ``deterministic`` (guide None), ``mean_field`` and ``fine_tune``
-    (2DGBNN); the network is the ``BayesianNetwork`` for the last two. ``data_dir`` points
-    to the data if it moved.
-    """
+def open_run(out_dir: str | Path, data_dir: str | Path | None = None) -> FitRun:
+    """A run folder's config, data, results and stage outputs, read once (``data_dir``: where
+    the data are now, if they moved); :func:`model_after_stage` rebuilds its models."""
     out = Path(out_dir)
     state = load_checkpoint(out / "checkpoint.pt")
     config = state["config"]
     if data_dir is not None:
         config["data"]["dir"] = str(data_dir)
+    return FitRun(config, out, _load_data(config), False, state["results"], state["outputs"], state["stage_time"])
+
+
+def model_after_stage(run: FitRun, stage: str | None = None) -> tuple[nn.Module, nn.Module | None]:
+    """The model of ``run`` after ``stage`` (default: its last), ready to predict: (network, guide).
+
+    Reads the stages ``deterministic`` (guide None), ``mean_field`` and ``fine_tune``
+    (2DGBNN); the network is the ``BayesianNetwork`` for the last two.
+    """
+    config, out = run.config, run.out
     stage = stage or STAGES[config["method"]][-1]
-    if stage not in state["results"]:
+    if stage not in run.results:
         raise UsageError(f"the run in {str(out)!r} has not finished stage {stage!r}; resume it with --resume first")
     if stage not in ("deterministic", "mean_field", "fine_tune"):
         raise UsageError(f"reading back a {config['method']!r} run is not supported yet; deterministic, mean-field and 2dgbnn runs are")
-    data = _load_data(config)
-    net = _build_net(config, data).to(config["device"])
-    run = FitRun(config, out, data, False, state["results"], state["outputs"], state["stage_time"])
+    net = _build_net(config, run.data).to(config["device"])
     net.load_state_dict(run.outputs["deterministic"]["net"])
     if stage == "deterministic":
-        return run, net, None
+        return net, None
     if stage == "mean_field":
         bnn, guide, _ = _restore_mean_field(run, net)
-        return run, bnn, guide
-    bnn = build_bnn(net, config, len(data.train))
+        return bnn, guide
+    bnn = build_bnn(net, config, len(run.data.train))
     guide = _shared_guide(run, bnn, SharingPlan.from_state(run.outputs["sharing"]["plan"]))
     try:
         AnalyticKL_ELBO(bnn, guide).load_state_dict(run.outputs["fine_tune"]["elbo"])
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1].strip()[:160]
         raise UsageError(f"the 2DGBNN guide in {str(out)!r} was written by another version of pyro_gbnn ({first}); re-run its stages 2 and 3") from None
-    return run, bnn, guide
+    return bnn, guide
+
+
+def load_run_model(
+    out_dir: str | Path, data_dir: str | Path | None = None, stage: str | None = None
+) -> tuple[FitRun, nn.Module, nn.Module | None]:
+    """(run, network, guide) of a run folder after ``stage`` (default: its last):
+    :func:`open_run` then :func:`model_after_stage`."""
+    run = open_run(out_dir, data_dir)
+    return (run, *model_after_stage(run, stage))
 
 
 def accumulate_gradients(

@@ -12,7 +12,7 @@ from torch.func import vmap
 
 from pyro_gbnn.bayesian import BayesianNetwork
 
-__all__ = ["Prediction", "draw_weights", "predict_batch", "predict"]
+__all__ = ["Prediction", "draw_weights", "logits_for_draws", "predict_batch", "predict"]
 
 
 class Prediction(NamedTuple):
@@ -56,14 +56,25 @@ def predict_batch(
     """
     if guide is None:
         return bnn(x).softmax(-1).unsqueeze(0)
-    weights = draw_weights(bnn, guide, num_samples)
+    return logits_for_draws(bnn, x, draw_weights(bnn, guide, num_samples), sample_chunk, vectorize).softmax(-1)
+
+
+@torch.no_grad()
+def logits_for_draws(
+    bnn: BayesianNetwork,
+    x: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    sample_chunk: int | None = 10,
+    vectorize: bool | None = None,
+) -> torch.Tensor:
+    """Logits [S, B, C] of one batch under given weight draws {site: [S, *shape]} (see
+    :func:`predict_batch` for ``sample_chunk`` and ``vectorize``)."""
     if vectorize is None:
         vectorize = x.device.type == "cuda"
     if vectorize:
-        logits = vmap(lambda w: _logits_given(bnn, x, w), chunk_size=sample_chunk)(weights)
-    else:
-        logits = torch.stack([_logits_given(bnn, x, {k: v[i] for k, v in weights.items()}) for i in range(num_samples)])
-    return logits.softmax(-1)
+        return vmap(lambda w: _logits_given(bnn, x, w), chunk_size=sample_chunk)(weights)
+    num_samples = next(iter(weights.values())).shape[0]
+    return torch.stack([_logits_given(bnn, x, {k: v[i] for k, v in weights.items()}) for i in range(num_samples)])
 
 
 @torch.no_grad()

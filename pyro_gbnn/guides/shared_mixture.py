@@ -218,6 +218,10 @@ class SharedMixtureGuide(PyroModule):
         """Std coordinate s_k of each centre (the weight std under ``independent``)."""
         return F.softplus(self.centre_rho)
 
+    def component_centres(self) -> torch.Tensor:
+        """[K, 2] centre of each component: (mean coordinate, std coordinate)."""
+        return torch.stack([self.centre_mu, self.component_scale()], -1)
+
     def component_cholesky(self) -> torch.Tensor:
         """[K, 2, 2] lower-triangular factors of the component covariances."""
         zero = torch.zeros_like(self.chol_10)
@@ -327,7 +331,7 @@ class SharedMixtureGuide(PyroModule):
     def sample_components(self, num_samples: int) -> torch.Tensor:
         """[S, K_alive, 2] draws of the alive components' (mean, std) from N(m_k, Sigma_k)."""
         slots = self.alive.nonzero().squeeze(-1)
-        centre = torch.stack([self.centre_mu, self.component_scale()], -1)[slots]
+        centre = self.component_centres()[slots]
         eps = torch.randn(num_samples, slots.numel(), 2, 1, device=centre.device)
         return centre + (self.component_cholesky()[slots] @ eps).squeeze(-1)
 
@@ -349,7 +353,7 @@ class SharedMixtureGuide(PyroModule):
     def _tied_kl(self) -> torch.Tensor:
         if self.prior_choice == "anchor":
             scale_tril = self.component_cholesky()
-            centre = torch.stack([self.centre_mu, self.component_scale()], -1)
+            centre = self.component_centres()
             q = torch.distributions.MultivariateNormal(centre, scale_tril=scale_tril)
             p = torch.distributions.MultivariateNormal(self.anchor_means, covariance_matrix=self.anchor_covs)
             per_component = torch.distributions.kl_divergence(q, p)
@@ -388,7 +392,7 @@ class SharedMixtureGuide(PyroModule):
     def component_gaussians(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Current centres [K, 2] (mean, std coordinate) and covariances [K, 2, 2], detached."""
         scale_tril = self.component_cholesky().detach()
-        centre = torch.stack([self.centre_mu, self.component_scale()], -1).detach()
+        centre = self.component_centres().detach()
         return centre, scale_tril @ scale_tril.mT
 
     @torch.no_grad()
