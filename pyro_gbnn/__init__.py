@@ -13,9 +13,10 @@ from pyro_gbnn.data import load_dataset, make_loader
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.guides import MeanFieldGuide, SiteGuide, site_key
 from pyro_gbnn.likelihoods import Categorical, Gaussian
+from pyro_gbnn.model_file import export_model, load_model
 from pyro_gbnn.models import build_model
 from pyro_gbnn.pipeline import load_run_model, run_fit
-from pyro_gbnn.predict import predict
+from pyro_gbnn.predict import predict, predictive_summary
 from pyro_gbnn.priors import IIDNormalPrior, LayerwiseNormalPrior, Prior, ScaleMixturePrior
 
 __all__ = [
@@ -32,13 +33,16 @@ __all__ = [
     "SiteGuide",
     "apply_overrides",
     "build_model",
+    "export_model",
     "khat_reading",
     "load_config",
     "load_dataset",
+    "load_model",
     "load_run_model",
     "make_loader",
     "metrics",
     "predict",
+    "predictive_summary",
     "run_fit",
     "site_key",
     "to_inference_data",

@@ -48,6 +48,7 @@ __all__ = [
     "ImageFileDataset",
     "ImageTensorDataset",
     "augmentation_seed",
+    "image_for_model",
     "load_dataset",
     "make_loader",
 ]
@@ -264,6 +265,21 @@ def _transforms(name: str, augment: bool) -> tuple[v2.Compose, v2.Compose]:
             v2.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
         ]
     return (v2.Compose(train) if augment else evaluate), evaluate
+
+
+def image_for_model(path: str | Path, dataset: str, in_channels: int, image_size: int) -> Tensor:
+    """An image file as a model trained on ``dataset`` sees a test image: [in_channels, H, W],
+    grey or RGB, resized to ``image_size`` (ImageNet-style sets: their own resize and crop),
+    normalised with the data set's statistics."""
+    image = _decode_image(path)
+    if in_channels == 1:
+        image = v2.Grayscale(1)(image)
+    elif in_channels != 3:
+        raise UsageError(f"image files can feed models with 1 or 3 input channels, not {in_channels}")
+    key = dataset.lower()
+    if key in ("mnist", "cifar10", "cifar100") and tuple(image.shape[-2:]) != (image_size, image_size):
+        image = v2.Resize((image_size, image_size), antialias=True)(image)
+    return _transforms(key, augment=False)[1](image)
 
 
 # --------------------------------------------------------------------------- MNIST

@@ -38,7 +38,7 @@ from pyro_gbnn.errors import UsageError
 from pyro_gbnn.guides import MeanFieldGuide
 from pyro_gbnn.guides.shared_mixture import SharedMixtureGuide
 from pyro_gbnn.guides.sparse_subspace import SparseSubspaceGuide
-from pyro_gbnn.guides.spike_slab import SpikeSlabGuide
+from pyro_gbnn.guides.spike_slab import PrunedSpikeSlabGuide, SpikeSlabGuide
 from pyro_gbnn.likelihoods import Categorical
 from pyro_gbnn.metrics import classification_metrics
 from pyro_gbnn.models import build_model
@@ -368,30 +368,53 @@ def open_run(out_dir: str | Path, data_dir: str | Path | None = None) -> FitRun:
 def model_after_stage(run: FitRun, stage: str | None = None) -> tuple[nn.Module, nn.Module | None]:
     """The model of ``run`` after ``stage`` (default: its last), ready to predict: (network, guide).
 
-    Reads the stages ``deterministic`` (guide None), ``mean_field`` and ``fine_tune``
-    (2DGBNN); the network is the ``BayesianNetwork`` for the last two.
+    The network is the deterministic one after ``deterministic`` (guide None), else the
+    ``BayesianNetwork``; the guide is the one the stage evaluated (for ``quantize``, the
+    quantized guide at the first of ``int8.scale_bits``; for ``sharing``, the stage-2
+    guide before fine-tuning).
     """
     config, out = run.config, run.out
     stage = stage or STAGES[config["method"]][-1]
     if stage not in run.results:
         raise UsageError(f"the run in {str(out)!r} has not finished stage {stage!r}; resume it with --resume first")
-    if stage not in ("deterministic", "mean_field", "fine_tune"):
-        raise UsageError(f"reading back a {config['method']!r} run is not supported yet; deterministic, mean-field and 2dgbnn runs are")
     net = _build_net(config, run.data).to(config["device"])
-    net.load_state_dict(run.outputs["deterministic"]["net"])
+    if stage != "ssvi":
+        net.load_state_dict(run.outputs["deterministic"]["net"])
     if stage == "deterministic":
         return net, None
-    if stage == "mean_field":
+    if stage in ("mean_field", "quantize"):
         bnn, guide, _ = _restore_mean_field(run, net)
+        if stage == "quantize":
+            section = config["int8"]
+            guide = quantize_mean_field(guide, section["loc_bits"], int(section["scale_bits"][0]), section["per_channel"])
+        return bnn, guide
+    if stage == "spike_slab":
+        bnn, guide = _spike_slab_guide(run, net)
+        _load_guide_state(run, stage, AnalyticKL_ELBO(bnn, guide), run.outputs[stage]["elbo"])
+        return bnn, guide
+    if stage == "prune":
+        bnn, _, pruned = _pruned_guide(run, net)
+        if "elbo" in run.outputs["prune"]:
+            _load_guide_state(run, stage, AnalyticKL_ELBO(bnn, pruned), run.outputs[stage]["elbo"])
+        return bnn, pruned
+    if stage == "ssvi":
+        bnn, guide = _ssvi_guide(run, net)
+        _load_guide_state(run, stage, AnalyticKL_ELBO(bnn, guide), run.outputs[stage]["elbo"])
         return bnn, guide
     bnn = build_bnn(net, config, len(run.data.train))
+    bnn.load_state_dict(run.outputs["sharing"]["bnn"])
     guide = _shared_guide(run, bnn, SharingPlan.from_state(run.outputs["sharing"]["plan"]))
+    if stage == "fine_tune":
+        _load_guide_state(run, stage, AnalyticKL_ELBO(bnn, guide), run.outputs[stage]["elbo"])
+    return bnn, guide
+
+
+def _load_guide_state(run: FitRun, stage: str, elbo: AnalyticKL_ELBO, state: dict) -> None:
     try:
-        AnalyticKL_ELBO(bnn, guide).load_state_dict(run.outputs["fine_tune"]["elbo"])
+        elbo.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1].strip()[:160]
-        raise UsageError(f"the 2DGBNN guide in {str(out)!r} was written by another version of pyro_gbnn ({first}); re-run its stages 2 and 3") from None
-    return bnn, guide
+        raise UsageError(f"the {stage} guide in {str(run.out)!r} was written by another version of pyro_gbnn ({first}); re-run that stage") from None
 
 
 def load_run_model(
@@ -522,15 +545,20 @@ def _stage_spike_slab(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     run.results["spike_slab"]["sparsity"] = guide.sparsity(run.config["spike_slab"]["prune_threshold"])
 
 
+def _pruned_guide(run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, SpikeSlabGuide, PrunedSpikeSlabGuide]:
+    """(network, trained spike-and-slab guide, its pruned guide before pruned fine-tuning)."""
+    bnn, guide = _spike_slab_guide(run, net)
+    AnalyticKL_ELBO(bnn, guide).load_state_dict(run.outputs["spike_slab"]["elbo"])
+    return bnn, guide, guide.prune(run.config["spike_slab"]["prune_threshold"])
+
+
 def _stage_prune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     """Keep the weights whose posterior inclusion probability exceeds ``prune_threshold``,
     then, if ``prune.epochs`` > 0, fine-tune the kept weights' mu and sigma (the mask is
     fixed). Deployed: mean and scale of each kept weight plus a one-bit mask per weight."""
     started = time.perf_counter()
-    bnn, guide = _spike_slab_guide(run, net)
-    AnalyticKL_ELBO(bnn, guide).load_state_dict(run.outputs["spike_slab"]["elbo"])
+    bnn, guide, pruned = _pruned_guide(run, net)
     threshold = run.config["spike_slab"]["prune_threshold"]
-    pruned = guide.prune(threshold)
     run.stage_time["prune"] = run.stage_time.get("prune", 0.0) + time.perf_counter() - started
     output = {}
     if run.config["prune"]["epochs"] > 0:
@@ -541,8 +569,7 @@ def _stage_prune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     run.results["prune"].update(sparsity=guide.sparsity(threshold), n_kept=pruned.num_kept())
 
 
-def _stage_ssvi(run: FitRun, net: nn.Module, resume: dict | None) -> None:
-    """SSVI from the network's initial weights: only the active subspace is ever trained."""
+def _ssvi_guide(run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, SparseSubspaceGuide]:
     section = run.config["ssvi"]
     bnn = build_bnn(net, run.config, len(run.data.train))
     steps = int(section["update_fraction"] * section["epochs"] * len(run.loader("train")))
@@ -556,6 +583,12 @@ def _stage_ssvi(run: FitRun, net: nn.Module, resume: dict | None) -> None:
         total_steps=steps,
         seed=run.config["seed"],
     )
+    return bnn, guide
+
+
+def _stage_ssvi(run: FitRun, net: nn.Module, resume: dict | None) -> None:
+    """SSVI from the network's initial weights: only the active subspace is ever trained."""
+    bnn, guide = _ssvi_guide(run, net)
     elbo = _train_variational(run, "ssvi", bnn, guide, resume)
     others = count_trainable(bnn)
     size = (2 * guide.num_active() + others, guide.size_bytes() + 4 * others)

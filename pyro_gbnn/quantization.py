@@ -16,12 +16,11 @@ import math
 from collections import OrderedDict
 from typing import Mapping, NamedTuple
 
-import pyro
-import pyro.distributions as dist
 import torch
 from torch import nn
 
 from pyro_gbnn.errors import UsageError
+from pyro_gbnn.guides.fixed_normal import FixedNormalGuide
 
 __all__ = ["QuantizedTensor", "quantize_symmetric", "quantize_affine", "QuantizedMeanFieldGuide", "quantize_mean_field"]
 
@@ -121,56 +120,22 @@ def quantize_affine(
     return QuantizedTensor(codes, scale, lo, bits, per_channel, x.shape, channel_dim)
 
 
-def _key(name: str) -> str:
-    return name.replace(".", "/")
-
-
-class QuantizedMeanFieldGuide(nn.Module):
+class QuantizedMeanFieldGuide(FixedNormalGuide):
     """q(w) = prod_i N(w_i | dequantized mean_i, dequantized std_i^2): a quantized mean-field guide.
 
-    Holds the dequantized means and stds as buffers (``loc/<site>``, ``scale/<site>``,
-    "." written "/"), nothing trainable, and the packed size of each site's codes.
-    It has the sampling interface of :class:`~pyro_gbnn.guides.MeanFieldGuide`
-    (``site_shapes``, ``distribution``, ``sample_weights``, ``forward`` in a Pyro trace),
-    so :func:`pyro_gbnn.predict.predict` and the metrics use it unchanged.
+    A :class:`~pyro_gbnn.guides.fixed_normal.FixedNormalGuide` of the dequantized means
+    and stds (stds floored at the smallest positive float), nothing trainable; keeps the
+    codes (``quantized``: {site: (mean codes, std codes)}) for export and their packed size.
     """
 
     def __init__(self, quantized: Mapping[str, tuple[QuantizedTensor, QuantizedTensor]]) -> None:
-        super().__init__()
-        self.site_shapes: OrderedDict[str, torch.Size] = OrderedDict()
-        self.site_bytes: dict[str, tuple[int, int]] = {}
         tiny = torch.finfo(torch.float32).tiny
-        for name, (loc, scale) in quantized.items():
-            self.site_shapes[name] = torch.Size(loc.shape)
-            self.site_bytes[name] = (loc.num_bytes(), scale.num_bytes())
-            self.register_buffer("loc/" + _key(name), loc.dequantize())
-            self.register_buffer("scale/" + _key(name), scale.dequantize().clamp_min(tiny))
-
-    def location(self, name: str) -> torch.Tensor:
-        """The (dequantized) mean of site ``name``."""
-        return self.get_buffer("loc/" + _key(name))
-
-    def scale(self, name: str) -> torch.Tensor:
-        """The (dequantized) standard deviation of site ``name``, > 0."""
-        return self.get_buffer("scale/" + _key(name))
-
-    def distribution(self, name: str) -> dist.Distribution:
-        """q of site ``name``, event shape = the parameter's shape."""
-        loc = self.location(name)
-        return dist.Normal(loc, self.scale(name)).to_event(loc.dim())
-
-    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        return {name: pyro.sample(name, self.distribution(name)) for name in self.site_shapes}
-
-    @torch.no_grad()
-    def sample_weights(self, num_samples: int) -> dict[str, torch.Tensor]:
-        """``num_samples`` independent draws of every weight, shape [S, *param.shape]."""
-        return {name: self.distribution(name).sample((num_samples,)) for name in self.site_shapes}
-
-    @torch.no_grad()
-    def posterior_moments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(mean, std) of every weight as the quantized model stores them."""
-        return {name: (self.location(name).clone(), self.scale(name).clone()) for name in self.site_shapes}
+        super().__init__(
+            {name: loc.dequantize() for name, (loc, _) in quantized.items()},
+            {name: scale.dequantize().clamp_min(tiny) for name, (_, scale) in quantized.items()},
+        )
+        self.quantized = OrderedDict(quantized)
+        self.site_bytes = {name: (loc.num_bytes(), scale.num_bytes()) for name, (loc, scale) in quantized.items()}
 
     def size_bytes(self) -> int:
         """Packed bytes of all means and stds with their scales and zero points.

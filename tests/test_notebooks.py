@@ -1,4 +1,4 @@
-"""Every tutorial notebook runs top to bottom in smoke mode on a tiny fake MNIST.
+"""Every tutorial notebook runs top to bottom in smoke mode on a tiny fake MNIST and CIFAR-10.
 
 The notebooks read ``PYRO_GBNN_SMOKE``, ``PYRO_GBNN_DATA_DIR`` and ``PYRO_GBNN_OUT_DIR``;
 the kernel inherits them from this process. It runs in the notebook's own folder, as
@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.test_data import write_cifar10_jpeg
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -42,6 +44,7 @@ def _kernel_spec_dir(tmp_path: Path) -> Path:
 def test_notebook_runs_in_smoke_mode(path: Path, fake_mnist: Path, tmp_path: Path, monkeypatch) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
+    write_cifar10_jpeg(fake_mnist, per_class=4)  # beside the digits: notebook 04 trains on CIFAR-10
     monkeypatch.setenv("PYRO_GBNN_SMOKE", "1")
     monkeypatch.setenv("PYRO_GBNN_DATA_DIR", str(fake_mnist))
     monkeypatch.setenv("PYRO_GBNN_OUT_DIR", str(out_dir))

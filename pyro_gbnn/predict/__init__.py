@@ -1,4 +1,5 @@
-"""Posterior predictive: average class probabilities over weight draws from the guide."""
+"""Posterior predictive: average class probabilities over weight draws from the guide
+(``python -m pyro_gbnn.predict``, :mod:`pyro_gbnn.predict.cli`, is the command line over model files)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from torch import nn
 from torch.func import vmap
 
 from pyro_gbnn.bayesian import BayesianNetwork
+from pyro_gbnn.metrics import mutual_information, predictive_entropy
 
-__all__ = ["Prediction", "draw_weights", "logits_for_draws", "predict_batch", "predict"]
+__all__ = ["Prediction", "PredictiveSummary", "draw_weights", "logits_for_draws", "predict_batch", "predict", "predictive_summary"]
 
 
 class Prediction(NamedTuple):
@@ -112,3 +114,24 @@ def predict(
     return Prediction(
         torch.cat(probs), torch.cat(labels), torch.cat(samples, dim=1) if keep_samples else None
     )
+
+
+class PredictiveSummary(NamedTuple):
+    """Per input: predictive probabilities [N, C], predicted class [N], predictive entropy
+    [N] and mutual information between label and weights [N] (nats)."""
+
+    probs: torch.Tensor
+    predicted: torch.Tensor
+    entropy: torch.Tensor
+    mutual_information: torch.Tensor
+
+
+@torch.no_grad()
+def predictive_summary(
+    bnn: BayesianNetwork | nn.Module, guide: nn.Module | None, x: torch.Tensor, num_samples: int = 30, batch_size: int = 256
+) -> PredictiveSummary:
+    """What ``python -m pyro_gbnn.predict`` prints, for a tensor of inputs [N, ...]."""
+    batches = [(chunk, torch.zeros(len(chunk), dtype=torch.long)) for chunk in torch.split(x, batch_size)]
+    result = predict(bnn, guide, batches, num_samples, keep_samples=True)
+    probs = result.probs
+    return PredictiveSummary(probs, probs.argmax(-1), predictive_entropy(probs), mutual_information(result.sample_probs))
