@@ -15,9 +15,22 @@ import yaml
 
 from pyro_gbnn.errors import UsageError
 
-__all__ = ["DEFAULTS", "METHODS", "load_config", "merge", "apply_overrides", "dump_config"]
+__all__ = ["DEFAULTS", "METHODS", "CONFIG_DIR", "dataset_config_file", "load_config", "merge", "apply_overrides", "dump_config", "flatten"]
 
 METHODS = ("deterministic", "mean-field", "2dgbnn", "spike-slab", "ssvi", "int8")
+
+# The shipped configs (a source checkout's configs/ folder) that `fit --dataset D [--method M]`
+# starts from when no --config is given: the paper's network and settings per data set,
+# the method's own file where one exists; the first entry is the data set's default method.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+_DATASET_CONFIGS = {
+    "mnist": {"2dgbnn": "mnist_quick_2dgbnn.yaml", "mean-field": "mnist_quick.yaml", "spike-slab": "mnist_quick_spike_slab.yaml",
+              "ssvi": "mnist_quick_ssvi.yaml", "int8": "mnist_quick_int8.yaml"},
+    "cifar10": {"2dgbnn": "cifar10_resnet20.yaml", "spike-slab": "cifar10_resnet20_spike_slab.yaml",
+                "ssvi": "cifar10_resnet20_ssvi.yaml", "int8": "cifar10_resnet20_int8.yaml"},
+    "cifar100": {"2dgbnn": "cifar100_resnet18.yaml"},
+    "imagenet": {"2dgbnn": "imagenet_resnet50.yaml"},
+}
 
 _SCHEDULE = {
     "epochs": 1,
@@ -181,10 +194,34 @@ def _coerce(where: str, default: Any, value: Any) -> Any:
             return value
     if numeric and isinstance(value, str):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             raise UsageError(f"config key {where!r} expects a number, got {value!r}") from None
+    if numeric and isinstance(default, int) and isinstance(value, float) and value.is_integer():
+        return int(value)  # 1e2 (YAML reads it as a string) or 100.0 where a count is meant
     return copy.deepcopy(value)
+
+
+def dataset_config_file(dataset: str, method: str | None = None) -> Path | None:
+    """The shipped config a run on ``dataset`` (with ``method``, else the data set's default
+    method) starts from, or None (no such data set here, or no configs/ folder beside the
+    package, as in a wheel install: then the built-in defaults apply)."""
+    files = _DATASET_CONFIGS.get(str(dataset).lower())
+    if files is None:
+        return None
+    path = CONFIG_DIR / files.get(method or "", next(iter(files.values())))
+    return path if path.is_file() else None
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a nested config (a ``{class, args}`` spec is one leaf)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value and key not in ("prior", "guide"):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def load_config(path: str | Path | None, base: dict | None = None) -> dict:

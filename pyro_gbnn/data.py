@@ -50,6 +50,7 @@ __all__ = [
     "augmentation_seed",
     "image_for_model",
     "load_dataset",
+    "sample_examples",
     "make_loader",
 ]
 
@@ -265,6 +266,15 @@ def _transforms(name: str, augment: bool) -> tuple[v2.Compose, v2.Compose]:
             v2.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
         ]
     return (v2.Compose(train) if augment else evaluate), evaluate
+
+
+def sample_examples(dataset: Dataset, count: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``count`` examples drawn without replacement (seeded) as ([count, ...], [count]):
+    a subset that represents every class even where a split is stored sorted by class
+    (the CIFAR JPEG copies are)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    images, labels = zip(*(dataset[int(i)] for i in order))
+    return torch.stack(images), torch.as_tensor(labels)
 
 
 def image_for_model(path: str | Path, dataset: str, in_channels: int, image_size: int) -> Tensor:

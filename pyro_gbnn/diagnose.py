@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, samples: int | None = None) -> list[Path]:
     """Write the pictures and ``summary.md`` of a finished run; returns the written paths."""
+    from pyro_gbnn.data import sample_examples
     from pyro_gbnn.fit import format_table
     from pyro_gbnn.metrics import classification_metrics, ood_metrics, reliability_diagram
     from pyro_gbnn.pipeline import model_after_stage, open_run
@@ -79,7 +80,7 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
         written.append(save_figure(sharing_plane(loc, scale, plan), out / "sharing_plane.png"))
         if plan.merged_from is not None:
             written.append(save_figure(merging_side_by_side(loc, scale, plan), out / "merging.png"))
-    x, y = _first_examples(run.loader("test"), 1000)
+    x, y = sample_examples(run.data.test, 1000, run.config["seed"])
     shuffled = _pixel_shuffled(x, run.config["seed"])
     predict_chunk = dict(num_samples=num_samples, sample_chunk=run.config["predict"]["sample_chunk"])
     probs_in = predict(network, guide, [(x, y)], **predict_chunk).probs
@@ -115,35 +116,25 @@ def _pixel_shuffled(x: torch.Tensor, seed: int) -> torch.Tensor:
     return x.reshape(n, c, h * w)[:, :, order].reshape(n, c, h, w)
 
 
-def _first_examples(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys, seen = [], [], 0
-    for x, y in loader:
-        xs.append(x[: count - seen])
-        ys.append(y[: count - seen])
-        seen += len(ys[-1])
-        if seen == count:
-            break
-    return torch.cat(xs), torch.cat(ys)
-
-
 def _variational_fit(run, network, guide, num_samples: int, examples: int = 1000) -> list[str]:
-    """Lines for summary.md: Pareto k-hat of q on training examples, PSIS-LOO on test examples."""
-    import arviz as az
-
+    """Lines for summary.md: Pareto k-hat of q on training examples, PSIS-LOO on test examples
+    (seeded random subsets)."""
+    from pyro_gbnn.arviz_compat import loo as psis_loo
+    from pyro_gbnn.data import sample_examples
     from pyro_gbnn.diagnostics import khat_reading, to_inference_data, variational_khat
 
     lines = []
-    x, y = _first_examples(run.loader("train"), examples)
+    x, y = sample_examples(run.data.train, examples, run.config["seed"])
     try:
         khat, _ = variational_khat(network, guide, x, y, num_samples=max(num_samples, 100))
         lines.append(f"- Pareto k-hat of p(w, D) / q(w) ({len(y)} training examples scaled to the data set): {khat:.2f}, {khat_reading(khat)}")
     except UsageError as err:
         lines.append(f"- Pareto k-hat: not defined here ({err})")
-    x, y = _first_examples(run.loader("test"), examples)
-    idata = to_inference_data(guide, num_samples=num_samples, bnn=network, data=(x, y))
-    loo = az.loo(idata, pointwise=True)
+    x, y = sample_examples(run.data.test, examples, run.config["seed"])
+    idata = to_inference_data(guide, num_samples=max(num_samples, 100), bnn=network, data=(x, y))  # PSIS needs draws
+    loo = psis_loo(idata)
     bad = int((loo.pareto_k > 0.7).sum())
-    lines.append(f"- PSIS-LOO on {len(y)} test examples: elpd_loo {float(loo.elpd_loo):.1f} (SE {float(loo.se):.1f}), p_loo {float(loo.p_loo):.1f}, {bad} points with k > 0.7")
+    lines.append(f"- PSIS-LOO on {len(y)} test examples: elpd_loo {loo.elpd:.1f} (SE {loo.se:.1f}), p_loo {loo.p:.1f}, {bad} points with k > 0.7")
     return lines
 
 

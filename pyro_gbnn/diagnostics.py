@@ -7,17 +7,20 @@ p(w, D) / q(w) over draws w ~ q: Pareto-smoothed importance sampling (Yao et al.
 fits a generalised Pareto tail to them, and its shape k-hat reads as good (< 0.5), usable
 (0.5-0.7) or poor (> 0.7). With the pointwise log-likelihood in the ``InferenceData``,
 ``az.loo`` gives PSIS-LOO, the expected log predictive density of held-out points.
+Works on ArviZ 0.x and 1.x (see :mod:`pyro_gbnn.arviz_compat`).
 """
 
 from __future__ import annotations
 
-import arviz as az
+from typing import Any
+
 import numpy as np
 import pyro
 import torch
 from pyro import poutine
 from torch import nn
 
+from pyro_gbnn.arviz_compat import from_groups, pareto_khat
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.predict import logits_for_draws
 from pyro_gbnn.reparameterization import _as_normal
@@ -35,8 +38,9 @@ def to_inference_data(
     *,
     bnn: nn.Module | None = None,
     data: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> az.InferenceData:
-    """Draws of the guide's weights as ``InferenceData`` with one chain, named dims.
+) -> Any:
+    """Draws of the guide's weights as ``InferenceData`` (ArviZ 1.x: a ``DataTree`` with the
+    same groups) with one chain, named dims.
 
     ``posterior``: each site a variable [chain, draw, ``<site>_weight``] holding its first
     ``max_weights_per_site`` weights (flattened; None keeps all, which can be large); for a
@@ -72,7 +76,7 @@ def to_inference_data(
     if data is not None:
         groups = _predictive_groups(bnn, draws, *data)
         dims["y"] = ["example"]
-    return az.from_dict(posterior=posterior, dims=dims, coords={"coordinate": ["mu", "sigma"]}, **groups)
+    return from_groups({"posterior": posterior, **groups}, dims, {"coordinate": ["mu", "sigma"]})
 
 
 def _predictive_groups(bnn: nn.Module, draws: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -110,8 +114,8 @@ def variational_khat(
     (Normal per weight: mean-field, the ``independent`` 2DGBNN semantics): the ``tied``
     guide's weights are functions of K shared draws and have none.
     """
-    if num_samples < 10:
-        raise UsageError(f"num_samples must be >= 10 to fit a Pareto tail, got {num_samples}")
+    if num_samples < 25:
+        raise UsageError(f"num_samples must be >= 25 to fit a Pareto tail (of at least 5 draws), got {num_samples}")
     if seed is not None:
         pyro.set_rng_seed(seed)
     was_training = bnn.training
@@ -127,12 +131,19 @@ def variational_khat(
                         f"({type(site['fn']).__name__}); k-hat needs a guide with one (e.g. mean-field)"
                     )
             model_trace = poutine.trace(poutine.replay(bnn.model, trace=guide_trace)).get_trace(x, y)
-            log_ratios.append(float(model_trace.log_prob_sum() - guide_trace.log_prob_sum()))
+            log_ratios.append(_log_density(model_trace) - _log_density(guide_trace))
     finally:
         bnn.train(was_training)
     ratios = np.asarray(log_ratios)
-    _, khat = az.psislw(ratios - ratios.max())
-    return float(khat), ratios
+    return pareto_khat(ratios), ratios
+
+
+def _log_density(trace) -> float:
+    """Sum of a trace's (scaled) log-densities, accumulated in float64: summed in float32, a
+    total near -1000 moves in steps of 1e-4 and nearly equal ratios tie, which leaves a
+    Pareto tail nothing to fit."""
+    trace.compute_log_prob()
+    return float(sum(site["log_prob"].double().sum() for site in trace.nodes.values() if site["type"] == "sample"))
 
 
 def khat_reading(khat: float) -> str:

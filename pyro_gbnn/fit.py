@@ -1,21 +1,30 @@
-"""Command line: ``python -m pyro_gbnn.fit --dataset cifar10 --method mean-field --out runs/x``.
+"""Command line: ``python -m pyro_gbnn.fit --dataset cifar10`` (2DGBNN on ResNet-20, the
+paper's settings, into ``runs/cifar10-2dgbnn-<date>-<time>``).
 
-Bad input (unknown names, missing data, a corrupt checkpoint) prints one line on stderr
-and exits with 2; a diverged run exits with 1 and keeps its last checkpoint.
+Settings: the shipped config of the data set and method (``configs/``), or ``--config``,
+then the named flags, then ``--set``; the first lines of output say which file they came
+from. ``--resume`` accepts the original command's flags where they agree with the saved
+run and names every one that differs. Bad input (unknown names, out-of-range settings,
+missing data, a corrupt checkpoint) prints one line on stderr and exits with 2, before any
+work; a diverged run exits with 1 and keeps its last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
-from pyro_gbnn.config import DEFAULTS, METHODS, apply_overrides, load_config, merge
+import yaml
+
+from pyro_gbnn.config import DEFAULTS, METHODS, apply_overrides, dataset_config_file, flatten, load_config, merge
 from pyro_gbnn.errors import DivergedError, UsageError
 from pyro_gbnn.pipeline import FINAL_KEYS, TRAINING_STAGE
 
-__all__ = ["main", "build_config"]
+__all__ = ["main", "build_config", "base_config_file", "resume_differences"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,9 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", help=f"one of {', '.join(METHODS)}")
     parser.add_argument("--config", help="YAML file with settings (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. mean_field.lr=1e-3 (repeatable)")
-    parser.add_argument("--data-dir", help="folder holding the data set (torchvision or ImageFolder layout)")
+    parser.add_argument("--data-dir", default=os.environ.get("PYRO_GBNN_DATA"), help="folder holding the data set (torchvision or ImageFolder layout); default: $PYRO_GBNN_DATA, else the config's data.dir")
     parser.add_argument("--download", action="store_true", help="download the data set with torchvision if it is missing")
-    parser.add_argument("--out", required=True, help="run folder (must be new unless --resume)")
+    parser.add_argument("--out", help="run folder (must be new unless --resume); default: runs/<dataset>-<method>-<date>-<time>")
     parser.add_argument("--epochs", type=int, help="epochs of the method's final training stage")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -39,9 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def base_config_file(args: argparse.Namespace) -> Path | None:
+    """``--config``, else the shipped config of ``--dataset`` and ``--method`` (None: built-in defaults)."""
+    if args.config is not None:
+        return Path(args.config)
+    return dataset_config_file(args.dataset or DEFAULTS["dataset"], args.method)
+
+
 def build_config(args: argparse.Namespace) -> dict:
-    """Defaults < --config file < named flags < --set overrides."""
-    config = load_config(args.config)
+    """Base config file (see :func:`base_config_file`) < named flags < --set overrides."""
+    config = load_config(base_config_file(args))
     flags = {"dataset": args.dataset, "model": args.model, "method": args.method, "seed": args.seed, "init_from": args.init_from}
     config = merge(config, {k: v for k, v in flags.items() if v is not None})
     if args.data_dir is not None:
@@ -58,12 +74,23 @@ def build_config(args: argparse.Namespace) -> dict:
     return config
 
 
-def _resume_conflicts(args: argparse.Namespace) -> list[str]:
-    given = {
-        "--dataset": args.dataset, "--model": args.model, "--method": args.method, "--config": args.config,
-        "--epochs": args.epochs, "--seed": args.seed, "--set": args.overrides or None, "--init-from": args.init_from,
-    }
-    return [flag for flag, value in given.items() if value is not None]
+def resume_differences(args: argparse.Namespace, saved: dict) -> list[str]:
+    """The settings that this command's flags (``--config``, named flags, ``--set``, applied
+    in that order on top of the saved run's config) would change, each as
+    ``"<key> <given> != saved <value>"``; none when the flags repeat the original command."""
+    given = merge(saved, _yaml_mapping(args.config)) if args.config is not None else saved
+    flags = {"dataset": args.dataset, "model": args.model, "method": args.method, "seed": args.seed, "init_from": args.init_from}
+    given = merge(given, {k: v for k, v in flags.items() if v is not None})
+    if args.epochs is not None:
+        given = merge(given, {TRAINING_STAGE.get(given["method"], "mean_field"): {"epochs": args.epochs}})
+    old, new = flatten(saved), flatten(apply_overrides(given, args.overrides))
+    return [f"{key} {new[key]!r} != saved {old.get(key)!r}" for key in new if new[key] != old.get(key)]
+
+
+def _yaml_mapping(path: str) -> dict:
+    """The mapping a --config file holds (its keys checked when merged)."""
+    load_config(path)  # one-line errors for a missing, malformed or unknown-key file
+    return yaml.safe_load(Path(path).read_text()) or {}
 
 
 _COLUMNS = (  # (metrics key, header, width, format)
@@ -95,18 +122,41 @@ def format_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def _saved_config(out: Path) -> dict:
+    path = out / "config.yaml"
+    if not path.is_file():
+        raise UsageError(f"{str(out)!r} holds no run to resume (no config.yaml); start it without --resume")
+    return yaml.safe_load(path.read_text())
+
+
+def _describe(source: Path | None, args: argparse.Namespace) -> str:
+    if source is None:
+        return "built-in defaults (pyro_gbnn/config.py) and flags"
+    if args.config is not None:
+        return f"{args.config} and flags"
+    return f"{source.parent.name}/{source.name} (the shipped config for this data set and method) and flags"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         from pyro_gbnn.pipeline import run_fit
 
         if args.resume:
-            conflicts = _resume_conflicts(args)
-            if conflicts:
-                raise UsageError(f"--resume continues the run saved in --out with its own config; drop {', '.join(conflicts)}")
+            if args.out is None:
+                raise UsageError("--resume needs --out: the folder of the run to continue")
+            saved = _saved_config(Path(args.out))
+            differences = resume_differences(args, saved)
+            if differences:
+                raise UsageError(f"--resume continues the run in {args.out!r} with its saved settings; these flags differ: {'; '.join(differences)}")
+            print(f"resuming {args.out} with its saved settings", flush=True)
             metrics = run_fit(dict(DEFAULTS), args.out, resume=True, progress=not args.no_progress, data_dir=args.data_dir)
         else:
-            metrics = run_fit(build_config(args), args.out, progress=not args.no_progress)
+            config = build_config(args)
+            source = base_config_file(args)
+            args.out = args.out or f"runs/{config['dataset']}-{config['method']}-{time.strftime('%Y%m%d-%H%M%S')}"
+            print(f"settings: {_describe(source, args)}; {config['dataset']} / {config['model']} / {config['method']} -> {args.out}", flush=True)
+            metrics = run_fit(config, args.out, progress=not args.no_progress)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

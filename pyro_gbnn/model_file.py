@@ -36,6 +36,7 @@ from torch import nn
 
 from pyro_gbnn.checkpoint import atomic_write_bytes
 from pyro_gbnn.errors import UsageError
+from pyro_gbnn.guides.base import site_key
 from pyro_gbnn.guides.fixed_normal import FixedNormalGuide
 from pyro_gbnn.guides.mean_field import MeanFieldGuide, inverse_softplus
 from pyro_gbnn.guides.shared_mixture import COMPONENT_VALUES, SharedMixtureGuide
@@ -174,7 +175,7 @@ def _put_normal(w: _Writer, guide: nn.Module, header: dict) -> None:
         q = guide.distribution(name).base_dist
         loc, scale = q.loc.detach(), q.scale.detach()
         if sparse:
-            mask = guide.masks[name.replace(".", "/")]
+            mask = guide.masks[site_key(name)]
             w.put_mask(f"mask/{name}", mask)
             loc, scale = loc[mask], scale[mask]
         w.put_values(f"loc/{name}", loc, signed=True)
@@ -184,7 +185,7 @@ def _put_normal(w: _Writer, guide: nn.Module, header: dict) -> None:
 def _put_spike_slab(w: _Writer, guide: PrunedSpikeSlabGuide, header: dict) -> None:
     header["prior_inclusion"] = guide.prior_inclusion
     for name in guide.site_shapes:
-        key = name.replace(".", "/")
+        key = site_key(name)
         mask = guide.mask[key]
         w.put_mask(f"mask/{name}", mask)
         w.put_values(f"loc/{name}", guide.loc[key].detach()[mask], signed=True)
@@ -193,7 +194,7 @@ def _put_spike_slab(w: _Writer, guide: PrunedSpikeSlabGuide, header: dict) -> No
 
 def _put_shared_mixture(w: _Writer, guide: SharedMixtureGuide, header: dict, index_coding: str) -> None:
     k = guide.num_components
-    n = sum(guide._sizes)
+    n = sum(shape.numel() for shape in guide.site_shapes.values())
     symbols = torch.empty(n, dtype=torch.long)
     symbols[guide.inlier_index] = guide.inlier_component.long()
     symbols[guide.outlier_index] = k
@@ -207,7 +208,6 @@ def _put_shared_mixture(w: _Writer, guide: SharedMixtureGuide, header: dict, ind
         component_values=list(read),
         num_weights=n,
         index_coding=index_coding,
-        blend_width=int(guide.ellipse_components.shape[1]) if guide.ellipse_components.dim() == 2 else 0,
     )
     for name in read:
         w.put_values(f"component/{name}", getattr(guide, name), signed=name in ("centre_mu", "chol_10"))
@@ -247,7 +247,7 @@ def _spike_slab_guide(r: _Reader, sites: dict[str, torch.Size], header: dict) ->
     return PrunedSpikeSlabGuide(locs, rhos, masks, {n: torch.zeros(()) for n in sites}, unit, header["prior_inclusion"])
 
 
-def _shared_mixture_guide(r: _Reader, bnn: nn.Module, header: dict, fine_tune: dict) -> SharedMixtureGuide:
+def _shared_mixture_guide(r: _Reader, bnn: nn.Module, header: dict) -> SharedMixtureGuide:
     k, n = header["num_components"], header["num_weights"]
     coding = header["index_coding"]
     parts = {key.split("/", 1)[1]: t for key, t in r.tensors.items() if key.startswith("index/")}
@@ -277,7 +277,8 @@ def _shared_mixture_guide(r: _Reader, bnn: nn.Module, header: dict, fine_tune: d
         ellipse_alphas=r.get("ellipse/alphas"),
         report={},
     )
-    guide = SharedMixtureGuide(bnn, plan, header["semantics"], prior=fine_tune["shared_prior"] if header["semantics"] == "tied" else "weight")
+    prior = header["fine_tune"]["shared_prior"] if header["semantics"] == "tied" else "weight"
+    guide = SharedMixtureGuide(bnn, plan, header["semantics"], prior=prior)
     with torch.no_grad():
         for name, value in full.items():
             getattr(guide, name).copy_(value)
@@ -410,7 +411,7 @@ def load_model(path: str | Path) -> ExportedModel:
             elif kind == "spike_slab":
                 guide = _spike_slab_guide(r, sites, header)
             elif kind == "shared_mixture":
-                guide = _shared_mixture_guide(r, network, header, header["fine_tune"])
+                guide = _shared_mixture_guide(r, network, header)
             else:
                 raise ValueError(f"unknown kind {kind!r}")
     except (ValueError, RuntimeError, KeyError, TypeError) as err:

@@ -44,6 +44,7 @@ from pyro_gbnn.metrics import classification_metrics
 from pyro_gbnn.models import build_model
 from pyro_gbnn.predict import predict
 from pyro_gbnn.quantization import quantize_mean_field
+from pyro_gbnn.validation import validate_config
 from pyro_gbnn.registry import build_guide, build_prior
 from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
 from pyro_gbnn.sharing.plan import SharingPlan
@@ -306,7 +307,7 @@ def _train_variational(
     steps_per_epoch = len(run.loader("train"))
     schedule = make_lr_schedule(optimizer, section, steps_per_epoch)
     start = _restore_training(resume, "elbo", elbo, optimizer, schedule)
-    kl_weight = _kl_weight(stage, section, steps_per_epoch, schedule)
+    kl_weight = _kl_weight(section, steps_per_epoch, schedule)
     guide_update = getattr(guide, "after_step", None)
     _timed_epochs(
         run,
@@ -326,12 +327,10 @@ def _train_variational(
     return elbo
 
 
-def _kl_weight(stage: str, section: dict, steps_per_epoch: int, schedule) -> Callable[[], float] | None:
+def _kl_weight(section: dict, steps_per_epoch: int, schedule) -> Callable[[], float] | None:
     """The KL weight of each step: ``kl_scale`` (a tempered posterior when < 1, as the SSVI
     authors train with 0.01), reached linearly over ``kl_warmup_epochs``; None for the ELBO."""
-    scale = section["kl_scale"]
-    if not scale > 0:
-        raise UsageError(f"{stage}.kl_scale must be > 0 (1 is the plain ELBO), got {scale}")
+    scale = section["kl_scale"]  # > 0: validate_config
     warmup_steps = int(section["kl_warmup_epochs"] * steps_per_epoch)
     if warmup_steps > 0:
         return lambda: scale * min(1.0, (schedule.last_epoch + 1) / warmup_steps)
@@ -696,6 +695,7 @@ def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
             config["data"]["dir"] = str(data_dir)
     elif checkpoint.exists() or (out / "metrics.json").exists():
         raise UsageError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
+    validate_config(config)
     if config["threads"]:
         torch.set_num_threads(int(config["threads"]))
     pyro.set_rng_seed(config["seed"])

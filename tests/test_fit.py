@@ -126,8 +126,10 @@ def test_cli_runs_and_prints_the_summary(fake_mnist, tmp_path, capsys):
     code = main(["--dataset", "mnist", "--data-dir", str(fake_mnist), "--method", "deterministic", "--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress", "--set", "model=mlp"])
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:4] == ["stage", "acc", "nll", "ece"]
-    assert lines[1].startswith("deterministic")
+    assert lines[0].startswith("settings: configs/mnist_quick_2dgbnn.yaml (the shipped config for this data set and method)")
+    assert lines[0].endswith(f"mnist / mlp / deterministic -> {tmp_path / 'r'}")
+    assert lines[1].split()[:4] == ["stage", "acc", "nll", "ece"]
+    assert lines[2].startswith("deterministic")
     summary = json.loads(next(line for line in lines if line.startswith("{")))
     assert summary["accuracy"] > 0.3
 
@@ -191,7 +193,12 @@ def test_existing_run_is_never_overwritten_and_corrupt_checkpoint_is_reported(fa
     assert code == 2 and "already holds a run" in err[0]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     code, err = run_cli(["--out", str(out), "--resume", "--epochs", "3"], capsys)
-    assert code == 2 and "drop --epochs" in err[0]
+    assert code == 2 and err[0].endswith("these flags differ: deterministic.epochs 3 != saved 1")
+    code, err = run_cli(base + ["--method", "ssvi", "--seed", "4", "--resume"], capsys)
+    assert code == 2 and "method 'ssvi' != saved 'deterministic'; seed 4 != saved 0" in err[0]
+    # the original command with --resume added agrees with the saved run: it resumes (nothing left to do)
+    assert main(base + ["--method", "deterministic", "--epochs", "1", "--resume"]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "metrics.json"} == {k: v for k, v in before.items() if k != "metrics.json"}
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     code, err = run_cli(["--out", str(out), "--resume"], capsys)
     assert code == 2 and len(err) == 1 and "corrupt" in err[0]
@@ -382,3 +389,28 @@ def test_semantics_comparison_branches_from_stage_1_and_reproduces_the_base_run(
     hierarchical = report["semantics"]["hierarchical"]
     assert hierarchical["sharing"]["n_gaussians"] == reference["n_gaussians"]
     assert hierarchical["fine_tune"]["n_params_trainable"] > reference["n_params_trainable"]
+
+
+def test_dataset_alone_starts_from_its_shipped_config_and_names_the_data_flags(tmp_path, capsys, monkeypatch):
+    """`fit --dataset cifar10` as typed: ResNet-20 2DGBNN from configs/cifar10_resnet20.yaml,
+    a dated run folder under runs/, and a missing data set names --download and --data-dir."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYRO_GBNN_DATA", raising=False)
+    code = main(["--dataset", "cifar10", "--no-progress"])
+    out, err = capsys.readouterr()
+    first = out.splitlines()[0]
+    assert first.startswith("settings: configs/cifar10_resnet20.yaml") and "cifar10 / resnet20 / 2dgbnn -> runs/cifar10-2dgbnn-" in first
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--download" in err and "--data-dir" in err
+    monkeypatch.setenv("PYRO_GBNN_DATA", str(tmp_path / "elsewhere"))
+    assert main(["--dataset", "cifar10", "--method", "ssvi", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("settings: configs/cifar10_resnet20_ssvi.yaml") and str(tmp_path / "elsewhere") in err
+
+
+def test_out_defaults_to_a_dated_folder_under_runs(fake_mnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["--dataset", "mnist", "--data-dir", str(fake_mnist), "--method", "deterministic", "--epochs", "1",
+                 "--no-progress", "--set", "model=mlp"])
+    assert code == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("mnist-deterministic-") and (run / "metrics.json").is_file()

@@ -109,7 +109,7 @@ def test_kl_scale_tempers_the_kl_after_warm_up(fake_mnist, tmp_path):
 
 
 def test_kl_scale_must_be_positive(fake_mnist, tmp_path):
-    with pytest.raises(UsageError, match=r"ssvi.kl_scale must be > 0"):
+    with pytest.raises(UsageError, match=r"ssvi.kl_scale must be a number > 0"):
         pipeline.run_fit(tiny_config(fake_mnist, "ssvi", SSVI + ["ssvi.kl_scale=0"]), tmp_path / "run")
 
 
