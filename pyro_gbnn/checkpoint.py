@@ -22,6 +22,12 @@ __all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "rng_stat
 FORMAT = "pyro_gbnn.checkpoint/1"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, write) -> None:
     """Call ``write(file)`` on a temp file beside ``path``, fsync it, then rename over ``path``.
 
@@ -35,6 +41,7 @@ def atomic_write_bytes(path: str | Path, write) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; run files read like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

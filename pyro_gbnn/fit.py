@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = f"python -m pyro_gbnn.fit --out {args.out} --resume" if args.out else "nothing was started"
+        print(f"interrupted; the last finished epoch is saved: {where}", file=sys.stderr)
+        return 130
     except DivergedError as err:
         print(f"diverged: {err}", file=sys.stderr)
         return 1

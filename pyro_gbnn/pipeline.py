@@ -188,7 +188,9 @@ class FitRun:
         """Test metrics and size of a finished stage; ``size`` = (parameters, bytes) of
         what the stage deploys, default: every trainable value of ``trained`` in fp32."""
         num_samples = 1 if guide is None else self.config["predict"]["num_samples"]
+        started = time.perf_counter()
         metrics = self.evaluate(bnn, guide, "test", num_samples)
+        self.stage_time[stage] = self.stage_time.get(stage, 0.0) + time.perf_counter() - started  # wall time includes the test evaluation
         n_params = count_trainable(trained)
         n_params, size_bytes = (n_params, 4 * n_params) if size is None else size
         self.results[stage] = {

@@ -62,10 +62,7 @@ def build_prior(spec: dict[str, Any]) -> Prior:
         raise UsageError(f"prior class {spec['class']!r} must subclass pyro_gbnn.priors.Prior and implement prior_dist(name, module, param)")
     if cls.prior_dist is Prior.prior_dist:
         raise UsageError(f"prior class {spec['class']!r} does not implement prior_dist(name, module, param)")
-    try:
-        return cls(**args)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"prior {spec['class']!r} rejected args {args}: {err}") from None
+    return _construct(cls, "prior", spec["class"], args)
 
 
 def build_guide(spec: dict[str, Any], bnn) -> SiteGuide:
@@ -76,7 +73,20 @@ def build_guide(spec: dict[str, Any], bnn) -> SiteGuide:
         raise UsageError(f"guide class {name!r} must subclass pyro_gbnn.guides.SiteGuide and implement distribution(name)")
     if cls.distribution is SiteGuide.distribution:
         raise UsageError(f"guide class {name!r} does not implement distribution(name), the q of one weight site")
+    return _construct(cls, "guide", name, args, bnn)
+
+
+def _construct(cls: type, kind: str, name: str, args: dict, *positional: Any) -> Any:
+    """``cls(*positional, **args)``: arguments its ``__init__`` does not take are "rejected
+    args"; an error raised inside it keeps its own type and message in the one line."""
     try:
-        return cls(bnn, **args)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"guide {name!r} rejected args {args}: {err}; its __init__ must take (bnn, **args)") from None
+        inspect.signature(cls).bind(*positional, **args)
+    except TypeError as err:
+        takes = "(bnn, **args)" if positional else "(**args)"
+        raise UsageError(f"{kind} {name!r} rejected args {args}: {err}; its __init__ must take {takes}") from None
+    try:
+        return cls(*positional, **args)
+    except UsageError:
+        raise
+    except Exception as err:
+        raise UsageError(f"{kind} {name!r} failed in its __init__ with args {args}: {type(err).__name__}: {err}") from err

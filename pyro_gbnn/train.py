@@ -153,6 +153,8 @@ def train_epochs(
     """Train epochs ``start_epoch .. epochs-1``; returns the last epoch's record.
 
     ``after_step()`` runs after every optimizer step (a guide's closed-form updates).
+    ``progress`` shows a bar during each epoch; one line per finished epoch is printed
+    either way.
 
     A non-finite loss raises :class:`DivergedError` before the optimizer touches the
     parameters, so the last checkpoint stays the last good state.
@@ -200,9 +202,8 @@ def train_epochs(
             record["eval"] = evaluate()
         if log is not None:
             log.write(record)
-        if progress:
-            shown = {k: round(v, 4) for k, v in record.get("eval", {}).items() if isinstance(v, float)}
-            tqdm.write(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} train acc {record['train_accuracy']:.4f} eval {shown}")
+        shown = {k: round(v, 4) for k, v in record.get("eval", {}).items() if isinstance(v, float)}
+        tqdm.write(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} train acc {record['train_accuracy']:.4f} eval {shown}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     return record

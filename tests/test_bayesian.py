@@ -80,7 +80,7 @@ def test_build_prior_errors_name_the_problem():
         build_prior({"class": "no_such_pkg.Prior"})
     with pytest.raises(UsageError, match="must subclass pyro_gbnn.priors.Prior"):
         build_prior({"class": "torch.nn.Linear"})
-    with pytest.raises(UsageError, match="rejected args"):
+    with pytest.raises(UsageError, match="failed in its __init__ .*IIDNormalPrior scale must be > 0"):
         build_prior({"class": "iid_normal", "args": {"scale": -1}})
     assert isinstance(build_prior({"class": "pyro_gbnn.priors.IIDNormalPrior"}), IIDNormalPrior)
 

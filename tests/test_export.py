@@ -11,13 +11,13 @@ from PIL import Image
 
 from pyro_gbnn import pipeline
 from pyro_gbnn.errors import UsageError
-from pyro_gbnn.model_file import _pack_bits, _unpack_bits, export_model, load_model
+from pyro_gbnn.model_file import _pack_bits, _Reader, _unpack_bits, _Writer, export_model, load_model
 from pyro_gbnn.export import main as export_main
 from pyro_gbnn.guides import SharedMixtureGuide
 from pyro_gbnn.index_coding import INDEX_CODINGS, decode_symbols, encode_symbols
 from pyro_gbnn.predict.cli import main as predict_main
 from pyro_gbnn.predict import predict_batch, predictive_summary
-from pyro_gbnn.quantization import QuantizedMeanFieldGuide
+from pyro_gbnn.quantization import QuantizedMeanFieldGuide, quantize_affine, quantize_symmetric
 
 from tests.conftest import write_fake_mnist
 from tests.test_fit import GBNN, tiny_config
@@ -88,6 +88,19 @@ def test_codes_pack_to_their_bit_width_and_back(bits):
     packed = _pack_bits(codes, bits)
     assert packed.size == math.ceil(1001 * bits / 8)
     assert np.array_equal(_unpack_bits(packed, bits, 1001), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quantized_tensors_are_stored_packed_and_read_back_exactly(bits, per_channel):
+    x = torch.randn(6, 5, 3)
+    w = _Writer("int8")
+    means, stds = quantize_symmetric(x, bits, per_channel), quantize_affine(x.abs() + 0.1, bits, per_channel)
+    w.put_quantized("loc", means)
+    w.put_quantized("scale", stds)
+    assert w.tensors["loc/codes"].numel() == math.ceil(x.numel() * bits / 8)
+    r = _Reader(w.tensors, {"quantized": w.quantized})
+    assert torch.equal(r.values("loc"), means.dequantize()) and torch.equal(r.values("scale"), stds.dequantize())
 
 
 # ----------------------------------------------------------------------------- export -> load

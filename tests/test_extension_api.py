@@ -143,7 +143,7 @@ class NoPriorDist(pg.Prior):
     [
         ({"class": "tests.test_extension_api.NotAGuide"}, "must subclass pyro_gbnn.guides.SiteGuide"),
         ({"class": "tests.test_extension_api.NoDistribution"}, "does not implement distribution"),
-        ({"class": "mean_field", "args": {"init_scale": -1.0}}, "rejected args"),
+        ({"class": "mean_field", "args": {"init_scale": -1.0}}, "failed in its __init__ .*ValueError: init_scale must be > 0"),
         ({"class": "mean_field", "args": {"nope": 1}}, "rejected args"),
         ({"class": "no_such_guide"}, "unknown guide 'no_such_guide'; use one of mean_field"),
         ({"class": "no.such.Module"}, "cannot import guide class"),

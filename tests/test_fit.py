@@ -128,8 +128,11 @@ def test_cli_runs_and_prints_the_summary(fake_mnist, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("settings: configs/mnist_quick_2dgbnn.yaml (the shipped config for this data set and method)")
     assert lines[0].endswith(f"mnist / mlp / deterministic -> {tmp_path / 'r'}")
-    assert lines[1].split()[:4] == ["stage", "acc", "nll", "ece"]
-    assert lines[2].startswith("deterministic")
+    assert lines[1].startswith("deterministic epoch 1/1: loss"), "--no-progress hides the bars, not the epoch lines"
+    assert lines[2].split()[:4] == ["stage", "acc", "nll", "ece"]
+    assert lines[3].startswith("deterministic")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "r").iterdir()}
+    assert len(set(modes.values())) == 1, f"run files are readable like log.jsonl: {modes}"
     summary = json.loads(next(line for line in lines if line.startswith("{")))
     assert summary["accuracy"] > 0.3
 
@@ -414,3 +417,12 @@ def test_out_defaults_to_a_dated_folder_under_runs(fake_mnist, tmp_path, monkeyp
     assert code == 0
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("mnist-deterministic-") and (run / "metrics.json").is_file()
+
+
+def test_ctrl_c_ends_with_one_line_naming_the_resume_command(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_fit", interrupted)
+    code, err = run_cli(["--dataset", "mnist", "--out", str(tmp_path / "r"), "--no-progress"], capsys)
+    assert code == 130 and err == [f"interrupted; the last finished epoch is saved: python -m pyro_gbnn.fit --out {tmp_path / 'r'} --resume"]
