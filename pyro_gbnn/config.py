@@ -65,8 +65,10 @@ DEFAULTS: dict[str, Any] = {
     "device": "cpu",
     "threads": None,
     "progress": True,
+    "tracker": "none",  # also log to "tensorboard" or "mlflow" (pyro_gbnn.tracking)
     "data": {
         "dir": "data",
+        "cache_dir": None,  # decoded-image cache; None: $PYRO_GBNN_CACHE, else beside data you own, else ~/.cache/pyro_gbnn
         "download": False,
         "val_fraction": 0.0,
         "augment": True,

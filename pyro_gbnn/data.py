@@ -48,6 +48,7 @@ __all__ = [
     "ImageFileDataset",
     "ImageTensorDataset",
     "augmentation_seed",
+    "decode_cache_dir",
     "image_for_model",
     "load_dataset",
     "sample_examples",
@@ -489,6 +490,20 @@ def _fingerprint(folder: Path, samples: list[tuple[str, int]]) -> str:
     return h.hexdigest()
 
 
+def decode_cache_dir(data_dir: Path, cache_dir: str | Path | None = None) -> Path:
+    """Where decoded images are cached: ``cache_dir``, else ``$PYRO_GBNN_CACHE``, else
+    ``data_dir/.pyro_gbnn_cache`` when the data folder is this user's own and writable, else
+    the user cache (``~/.cache/pyro_gbnn``): a shared data folder is left as it is."""
+    chosen = cache_dir or os.environ.get("PYRO_GBNN_CACHE")
+    if chosen:
+        return Path(chosen).expanduser()
+    try:
+        own = data_dir.stat().st_uid == os.getuid() and os.access(data_dir, os.W_OK)
+    except OSError:
+        own = False
+    return data_dir / _CACHE_FOLDER if own else _user_cache_dir()
+
+
 def _user_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "pyro_gbnn"
@@ -610,8 +625,8 @@ def load_dataset(
     `val_fraction` of the training set is held out (chosen by `torch.randperm` under
     `seed`; same seed, same split) and evaluated without augmentation. `download` lets
     torchvision fetch MNIST or CIFAR when absent; it is off so that nothing touches the
-    network unasked. `cache_dir` holds decoded JPEG copies of CIFAR (default
-    `data_dir/.pyro_gbnn_cache`). Missing or malformed data raises `UsageError`.
+    network unasked. `cache_dir` holds decoded JPEG copies of CIFAR (see
+    :func:`decode_cache_dir`). Missing or malformed data raises `UsageError`.
     """
     key = name.lower()
     if key not in DATASETS:
@@ -622,8 +637,7 @@ def load_dataset(
         if key == "mnist":
             x_train, y_train, x_test, y_test, classes = _load_mnist(root, download)
         else:
-            cache = None if cache_dir is None else Path(cache_dir).expanduser()
-            x_train, y_train, x_test, y_test, classes = _load_cifar(key, root, download, cache)
+            x_train, y_train, x_test, y_test, classes = _load_cifar(key, root, download, decode_cache_dir(root, cache_dir))
         full: ImageTensorDataset | ImageFileDataset = ImageTensorDataset(x_train, y_train, eval_tf)
         test: Dataset = ImageTensorDataset(x_test, y_test, eval_tf)
         in_channels, image_size = x_train.shape[1], x_train.shape[-1]

@@ -8,7 +8,8 @@ test images and of the same images with their pixels shuffled), for 2DGBNN runs
 components) and ``merging.png`` (the mixture before and after merging), and
 ``summary.md`` (the run's table, the test metrics of these predictions, the Pareto k-hat
 of the variational fit where the guide has a density over the weights, PSIS-LOO and the
-out-of-distribution AUROC). Bad input prints one line on stderr and exits with 2.
+out-of-distribution AUROC). A run trained with ``--tracker`` gets the pictures and the
+summary in its TensorBoard folder or MLflow run too. Bad input prints one line on stderr and exits with 2.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
     )
     from pyro_gbnn.predict import predict
     from pyro_gbnn.sharing.plan import SharingPlan
+    from pyro_gbnn.tracking import open_tracker
 
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoint.pt").is_file():
@@ -105,6 +107,13 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
         + "\n"
         + "".join(f"![{p.stem}]({p.name})\n" for p in written)
     )
+    tracker = open_tracker(run.config.get("tracker", "none"), run_dir, run.config)
+    try:  # the run's tracker (if any) gets the pictures and the summary too
+        for path in written:
+            tracker.figure(f"diagnostics/{path.stem}", path)
+        tracker.text("diagnostics_summary", summary.read_text())
+    finally:
+        tracker.close()
     return [*written, summary]
 
 

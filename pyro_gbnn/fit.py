@@ -23,6 +23,7 @@ import yaml
 from pyro_gbnn.config import DEFAULTS, METHODS, apply_overrides, dataset_config_file, flatten, load_config, merge
 from pyro_gbnn.errors import DivergedError, UsageError
 from pyro_gbnn.pipeline import FINAL_KEYS, TRAINING_STAGE
+from pyro_gbnn.tracking import TRACKERS
 
 __all__ = ["main", "build_config", "base_config_file", "resume_differences"]
 
@@ -38,13 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file with settings (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. mean_field.lr=1e-3 (repeatable)")
     parser.add_argument("--data-dir", default=os.environ.get("PYRO_GBNN_DATA"), help="folder holding the data set (torchvision or ImageFolder layout); default: $PYRO_GBNN_DATA, else the config's data.dir")
+    parser.add_argument("--cache-dir", default=os.environ.get("PYRO_GBNN_CACHE"), help="folder for decoded-image caches; default: $PYRO_GBNN_CACHE, else beside the data if it is yours, else ~/.cache/pyro_gbnn")
     parser.add_argument("--download", action="store_true", help="download the data set with torchvision if it is missing")
     parser.add_argument("--out", help="run folder (must be new unless --resume); default: runs/<dataset>-<method>-<date>-<time>")
     parser.add_argument("--epochs", type=int, help="epochs of the method's final training stage")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--init-from", help="skip stage 0: take the deterministic network from this checkpoint.pt or state_dict file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch stays)")
+    parser.add_argument("--tracker", choices=TRACKERS, help="also log to TensorBoard (RUN_DIR/tensorboard) or MLflow (MLFLOW_TRACKING_URI); needs .[tracking]")
     return parser
 
 
@@ -58,12 +61,13 @@ def base_config_file(args: argparse.Namespace) -> Path | None:
 def build_config(args: argparse.Namespace) -> dict:
     """Base config file (see :func:`base_config_file`) < named flags < --set overrides."""
     config = load_config(base_config_file(args))
-    flags = {"dataset": args.dataset, "model": args.model, "method": args.method, "seed": args.seed, "init_from": args.init_from}
-    config = merge(config, {k: v for k, v in flags.items() if v is not None})
+    config = merge(config, {k: v for k, v in _named_flags(args).items() if v is not None})
     if args.data_dir is not None:
         config["data"]["dir"] = args.data_dir
     if args.download:
         config["data"]["download"] = True
+    if args.cache_dir is not None:
+        config["data"]["cache_dir"] = args.cache_dir
     config = apply_overrides(config, args.overrides)
     if config["method"] not in METHODS:
         raise UsageError(f"unknown method {config['method']!r}; use one of {', '.join(METHODS)}")
@@ -74,13 +78,17 @@ def build_config(args: argparse.Namespace) -> dict:
     return config
 
 
+def _named_flags(args: argparse.Namespace) -> dict:
+    return {"dataset": args.dataset, "model": args.model, "method": args.method, "seed": args.seed,
+            "init_from": args.init_from, "tracker": args.tracker}
+
+
 def resume_differences(args: argparse.Namespace, saved: dict) -> list[str]:
     """The settings that this command's flags (``--config``, named flags, ``--set``, applied
     in that order on top of the saved run's config) would change, each as
     ``"<key> <given> != saved <value>"``; none when the flags repeat the original command."""
     given = merge(saved, _yaml_mapping(args.config)) if args.config is not None else saved
-    flags = {"dataset": args.dataset, "model": args.model, "method": args.method, "seed": args.seed, "init_from": args.init_from}
-    given = merge(given, {k: v for k, v in flags.items() if v is not None})
+    given = merge(given, {k: v for k, v in _named_flags(args).items() if v is not None})
     if args.epochs is not None:
         given = merge(given, {TRAINING_STAGE.get(given["method"], "mean_field"): {"epochs": args.epochs}})
     old, new = flatten(saved), flatten(apply_overrides(given, args.overrides))

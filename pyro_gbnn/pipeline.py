@@ -44,6 +44,7 @@ from pyro_gbnn.metrics import classification_metrics
 from pyro_gbnn.models import build_model
 from pyro_gbnn.predict import predict
 from pyro_gbnn.quantization import quantize_mean_field
+from pyro_gbnn.tracking import Tracker, open_tracker
 from pyro_gbnn.validation import validate_config
 from pyro_gbnn.registry import build_guide, build_prior
 from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
@@ -127,6 +128,7 @@ class FitRun:
     outputs: dict[str, dict] = field(default_factory=dict)
     stage_time: dict[str, float] = field(default_factory=dict)
     stage_rng: dict[str, dict] = field(default_factory=dict)
+    tracker: Tracker = field(default_factory=Tracker)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -134,7 +136,7 @@ class FitRun:
 
     @property
     def log(self) -> JsonLinesLog:
-        return JsonLinesLog(self.out / "log.jsonl")
+        return JsonLinesLog(self.out / "log.jsonl", self.tracker)
 
     def loader(self, split: str, epoch: int = 0):
         data_cfg = self.config["data"]
@@ -647,6 +649,7 @@ def _load_data(config: dict) -> DataSplits:
         seed=config["seed"],
         augment=data_cfg["augment"],
         download=data_cfg["download"],
+        cache_dir=data_cfg.get("cache_dir"),  # absent in runs saved before it existed
     )
     subset = data_cfg["train_subset"]
     if subset is not None and subset < len(data.train):
@@ -706,7 +709,15 @@ def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_bytes(out / "config.yaml", lambda h: h.write(dump_config(config).encode()))
-    run = FitRun(config, out, data, config["progress"] if progress is None else progress)
+    tracker = open_tracker(config.get("tracker", "none"), out, config)  # runs saved before trackers existed have none
+    try:
+        return _run_stages(config, out, data, net, state, tracker, progress)
+    finally:
+        tracker.close()
+
+
+def _run_stages(config, out, data, net, state, tracker, progress) -> dict[str, Any]:
+    run = FitRun(config, out, data, config["progress"] if progress is None else progress, tracker=tracker)
     if state is not None:
         run.results, run.outputs, run.stage_time = state["results"], state["outputs"], state["stage_time"]
         run.stage_rng = state.get("stage_rng", {})
@@ -729,4 +740,7 @@ def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
         "stages": run.results,
     }
     atomic_write_bytes(out / "metrics.json", lambda h: h.write(json.dumps(metrics, indent=2).encode()))
+    from pyro_gbnn.fit import format_table
+
+    tracker.text("stage_table", format_table(metrics))
     return metrics

@@ -48,13 +48,16 @@ class StepResult(NamedTuple):
 class JsonLinesLog:
     """Append-only JSON-lines log; each record is flushed so a killed run keeps its history."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, tracker: Any = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tracker = tracker  # a pyro_gbnn.tracking.Tracker that gets every record too
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.record(record)
 
 
 def make_optimizer(groups: list[dict], section: dict) -> torch.optim.Optimizer:

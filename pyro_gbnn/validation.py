@@ -82,6 +82,7 @@ def _rules() -> dict[str, Check]:
     from pyro_gbnn.reparameterization import ESTIMATORS
     from pyro_gbnn.sharing.gaussians import MERGE_RULES
     from pyro_gbnn.sharing.gmm import _MODES as GMM_MODES
+    from pyro_gbnn.tracking import TRACKERS
     from pyro_gbnn.train import OPTIMIZERS, SCHEDULES
 
     rules: dict[str, Check] = {
@@ -91,6 +92,7 @@ def _rules() -> dict[str, Check]:
         "seed": _integer(0),
         "threads": _integer(1, none=True),
         "progress": _boolean,
+        "tracker": _choice(TRACKERS),
         "data.download": _boolean,
         "data.augment": _boolean,
         "data.val_fraction": _number(0, 1, open_high=True),

@@ -313,6 +313,19 @@ def test_jpeg_cache_default_and_fallback(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(list((tmp_path / "xdg" / "pyro_gbnn").glob("*.pt"))) == 2
 
 
+def test_jpeg_cache_follows_the_environment_and_leaves_others_data_folders_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_cifar10_jpeg(tmp_path / "data", per_class=1)
+    monkeypatch.setenv("PYRO_GBNN_CACHE", str(tmp_path / "env-cache"))
+    load_dataset("cifar10", tmp_path / "data")
+    assert len(list((tmp_path / "env-cache").glob("*.pt"))) == 2
+    monkeypatch.delenv("PYRO_GBNN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(os, "getuid", lambda: 4242)  # the data folder belongs to someone else
+    load_dataset("cifar10", tmp_path / "data")
+    assert len(list((tmp_path / "xdg" / "pyro_gbnn").glob("*.pt"))) == 2
+    assert not (tmp_path / "data" / ".pyro_gbnn_cache").exists()
+
+
 def test_cifar_jpeg_malformed(tmp_path: Path) -> None:
     folder = write_cifar10_jpeg(tmp_path, per_class=1)
     bad = folder / "train" / "dog" / "0000.jpg"
