@@ -42,6 +42,7 @@ def test_tensorboard_gets_every_epoch_record_the_table_and_the_pictures(fake_mni
 def test_mlflow_gets_params_metrics_and_artifacts_and_a_resume_continues_its_run(fake_mnist, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # a lab server in real use
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
     out = tmp_path / "run"
     config = tiny_config(fake_mnist, "mean-field", ["tracker=mlflow", "mean_field.epochs=2"])
     from tests.test_fit import kill_then_resume
