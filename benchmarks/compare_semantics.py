@@ -26,7 +26,7 @@ from pyro_gbnn.guides.shared_mixture import SEMANTICS
 from pyro_gbnn.pipeline import run_fit
 
 ROW_KEYS = (
-    "accuracy", "nll", "ece", "n_params_trainable", "n_params_paper", "size_bytes", "size_bytes_with_index",
+    "accuracy", "nll", "ece", "n_params_trainable", "n_params_paper", "size_bytes", "size_bytes_index",
     "n_outliers", "n_ellipses", "n_gaussians", "wall_time_s",
 )
 

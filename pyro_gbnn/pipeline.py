@@ -81,7 +81,7 @@ TRAINING_STAGE = {  # the stage whose epochs ``--epochs`` sets
 
 FINAL_KEYS = (
     "accuracy", "nll", "ece", "brier", "n_params_trainable", "size_bytes",
-    "n_outliers", "n_ellipses", "n_gaussians", "n_params_paper", "size_bytes_with_index",
+    "n_outliers", "n_ellipses", "n_gaussians", "n_params_paper", "size_bytes_values", "size_bytes_index",
     "sparsity", "density", "train_flops_ratio", "scale_bits",
 )
 
@@ -467,13 +467,15 @@ def _shared_guide(run: FitRun, bnn: BayesianNetwork, plan: SharingPlan) -> Share
 
 
 def _finish_shared_stage(run: FitRun, stage: str, bnn, guide: SharedMixtureGuide, output: dict) -> None:
-    """Metrics and sizes of the plan as the guide stands (merging may have retired components)."""
+    """Metrics and sizes of the plan as the guide stands (merging may have retired components):
+    ``size_bytes`` is what deployment stores, the fp32 values (``size_bytes_values``) and the
+    index and blend tables (``size_bytes_index``), as the other methods count masks."""
     n_params = guide.num_trainable_values() + count_trainable(bnn)
-    run.finish_stage(stage, bnn, guide, bnn, output, size=(n_params, 4 * n_params))
     plan = guide.plan()
+    values, index = 4 * n_params, plan.index_bytes()
+    run.finish_stage(stage, bnn, guide, bnn, output, size=(n_params, values + index))
     result = run.results[stage]
-    result.update(sharing_metrics(plan))
-    result["size_bytes_with_index"] = result["size_bytes"] + plan.index_bytes()
+    result.update(sharing_metrics(plan), size_bytes_values=values, size_bytes_index=index)
 
 
 def _sharing_settings(run: FitRun) -> SharingSettings:

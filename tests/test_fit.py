@@ -240,9 +240,10 @@ def test_2dgbnn_run_reports_sharing_counts_and_saves_the_plan(fake_mnist, tmp_pa
     assert list(metrics["stages"]) == ["deterministic", "mean_field", "sharing", "fine_tune"]
     for stage in ("sharing", "fine_tune"):
         result = metrics["stages"][stage]
-        for key in ("accuracy", "nll", "ece", "n_outliers", "n_ellipses", "n_gaussians", "n_params_trainable", "size_bytes", "size_bytes_with_index"):
+        for key in ("accuracy", "nll", "ece", "n_outliers", "n_ellipses", "n_gaussians", "n_params_trainable", "size_bytes", "size_bytes_index"):
             assert key in result
-        assert result["size_bytes_with_index"] > result["size_bytes"]
+        assert result["size_bytes"] == result["size_bytes_values"] + result["size_bytes_index"]
+        assert result["size_bytes_values"] == 4 * result["n_params_trainable"] and result["size_bytes_index"] > 0
     assert metrics["n_params_trainable"] < metrics["stages"]["mean_field"]["n_params_trainable"] / 5
     plan = load_checkpoint_plan(tmp_path / "g" / "sharing_plan.pt")
     assert plan.num_components == metrics["n_gaussians"]
@@ -371,7 +372,7 @@ def test_merging_during_fine_tuning_resumes_exactly(fake_mnist, tmp_path, monkey
     config = tiny_config(fake_mnist, "2dgbnn", GBNN + MERGE_DURING_FINE_TUNING)
     reference = pipeline.run_fit(config, tmp_path / "reference")
     resumed = kill_then_resume(config, tmp_path / "killed", monkeypatch, kill_after_saves)
-    for key in ("accuracy", "nll", "ece", "n_gaussians", "n_params_trainable", "size_bytes_with_index"):
+    for key in ("accuracy", "nll", "ece", "n_gaussians", "n_params_trainable", "size_bytes"):
         assert resumed[key] == reference[key], key
 
 
