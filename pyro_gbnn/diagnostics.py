@@ -12,6 +12,7 @@ Works on ArviZ 0.x and 1.x (see :mod:`pyro_gbnn.arviz_compat`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ __all__ = ["to_inference_data", "variational_khat", "khat_reading"]
 
 @torch.no_grad()
 def to_inference_data(
-    guide: nn.Module,
+    guide: nn.Module | str | Path,
     num_samples: int = 200,
     sites: list[str] | None = None,
     max_weights_per_site: int | None = 20,
@@ -50,7 +51,12 @@ def to_inference_data(
     ``posterior_predictive`` ``y`` [chain, draw, example], pointwise log p(y_n | w) and a
     label drawn from p(y | x_n, w), and ``observed_data`` ``y`` [example], from the same
     weight draws as the posterior. Needs a guide with ``sample_weights(num_samples)``.
+
+    ``guide`` may instead be a finished run's folder: its final model, with (unless ``data``
+    is given) 1,000 test examples drawn at random under ``seed`` for the predictive groups.
     """
+    if isinstance(guide, (str, Path)):
+        guide, bnn, data = _run_model_and_data(guide, data, seed or 0)
     if not hasattr(guide, "sample_weights"):
         raise TypeError(f"{type(guide).__name__} has no sample_weights(num_samples); use a pyro_gbnn guide")
     if (bnn is None) != (data is None):
@@ -77,6 +83,16 @@ def to_inference_data(
         groups = _predictive_groups(bnn, draws, *data)
         dims["y"] = ["example"]
     return from_groups({"posterior": posterior, **groups}, dims, {"coordinate": ["mu", "sigma"]})
+
+
+def _run_model_and_data(run_dir: str | Path, data, seed: int) -> tuple[nn.Module, nn.Module, tuple]:
+    from pyro_gbnn.data import sample_examples
+    from pyro_gbnn.pipeline import load_run_model
+
+    run, bnn, guide = load_run_model(run_dir)
+    if guide is None:
+        raise UsageError(f"the run in {str(run_dir)!r} is deterministic: it has no posterior to put into ArviZ")
+    return guide, bnn, data if data is not None else sample_examples(run.data.test, 1000, seed)
 
 
 def _predictive_groups(bnn: nn.Module, draws: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict:

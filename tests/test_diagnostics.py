@@ -108,3 +108,16 @@ def test_inference_data_of_a_2dgbnn_guide_has_component_draws():
     assert component.shape == (1, 3000, guide.num_components, 2)
     centre_mu = guide.centre_mu.detach().numpy()
     assert np.allclose(component.mean(("chain", "draw")).values[:, 0], centre_mu, atol=5 * guide.chol_log_00.exp().max().item() / np.sqrt(3000))
+
+
+def test_inference_data_of_a_run_folder_holds_its_final_model_and_a_test_subset(fake_mnist, tmp_path):
+    from pyro_gbnn import pipeline
+    from tests.test_fit import tiny_config
+
+    pipeline.run_fit(tiny_config(fake_mnist, "mean-field"), tmp_path / "run")
+    idata = to_inference_data(tmp_path / "run", num_samples=30)
+    assert group_names(idata) >= {"posterior", "log_likelihood", "posterior_predictive", "observed_data"}
+    assert idata.log_likelihood["y"].shape == (1, 30, 128), "the whole (fake) test set: fewer than 1,000 images"
+    _, bnn, guide = pipeline.load_run_model(tmp_path / "run")
+    same = to_inference_data(guide, num_samples=30)
+    assert np.array_equal(idata.posterior["net.1.weight"].values, same.posterior["net.1.weight"].values)
