@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
+from tqdm.auto import tqdm
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 from torchvision.transforms import v2
@@ -478,6 +479,38 @@ def _load_image_folder(
     )
 
 
+def _check_image(path: str) -> None:
+    """Decode ``path`` far enough to find a broken or truncated file: JPEGs at 1/8 scale (the
+    whole compressed stream is read, the inverse DCT mostly skipped), other formats fully."""
+    with Image.open(path) as image:
+        image.draft("RGB", (1, 1))  # a no-op for formats without reduced decoding
+        image.load()
+
+
+def _check_images_once(root: Path, samples: list[tuple[str, int]], cache_dir: Path) -> None:
+    """Every image file of an ImageFolder data set decodes, checked before any training; a
+    listing that passed is remembered by its fingerprint, so later runs skip the scan."""
+    marker = f"checked-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}-{_fingerprint(root, samples)[:32]}"
+    directories = [cache_dir, _user_cache_dir()]
+    if any((d / marker).is_file() for d in directories):
+        return
+    bad = []
+    for path, _ in tqdm(samples, desc="checking the image files once", disable=len(samples) < 20_000, leave=False):
+        try:
+            _check_image(path)
+        except Exception as err:  # PIL reports broken files as OSError, SyntaxError, ValueError...
+            bad.append(f"{path} ({type(err).__name__}: {_one_line(err)})")
+    if bad:
+        raise UsageError(f"{len(bad)} of {len(samples)} image files under {root} cannot be decoded, e.g. {bad[0]}; remove or replace them")
+    for directory in directories:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / marker).touch()
+            return
+        except OSError:
+            continue
+
+
 # --------------------------------------------------------------------------- decode cache
 
 
@@ -643,6 +676,7 @@ def load_dataset(
         in_channels, image_size = x_train.shape[1], x_train.shape[-1]
     else:
         classes, train_samples, test_samples = _load_image_folder(key, root)
+        _check_images_once(root, train_samples + test_samples, decode_cache_dir(root, cache_dir))
         full = ImageFileDataset(train_samples, eval_tf)
         test = ImageFileDataset(test_samples, eval_tf)
         in_channels, image_size = 3, 224

@@ -367,6 +367,28 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert len(load_dataset("imagefolder", other).test) == 3
 
 
+def test_imagefolder_files_are_checked_once_before_any_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A truncated JPEG in val/ is named when the data set loads, not at the first evaluation;
+    a listing that passed is not scanned again."""
+    write_image_folder(tmp_path)
+    bad = tmp_path / "val" / "bee" / "0.jpg"
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(UsageError, match=r"1 of 12 image files under .* cannot be decoded, e.g. .*val/bee/0.jpg \(OSError: image file is truncated"):
+        load_dataset("imagefolder", tmp_path)
+    bad.write_bytes(good)
+    load_dataset("imagefolder", tmp_path)
+
+    checked = []
+    original = data._check_image
+    monkeypatch.setattr(data, "_check_image", lambda path: checked.append(path) or original(path))
+    assert len(load_dataset("imagefolder", tmp_path).test) == 3
+    assert checked == [], "a listing that passed is not scanned again"
+    os.utime(bad, ns=(time.time_ns(), time.time_ns() + 10**9))  # a changed listing is checked again
+    load_dataset("imagefolder", tmp_path)
+    assert len(checked) == 12
+
+
 def test_imagenet_accepts_imagenet_subfolder(tmp_path: Path) -> None:
     write_image_folder(tmp_path / "imagenet")
     splits = load_dataset("imagenet", tmp_path, val_fraction=1 / 3, seed=0)
