@@ -65,9 +65,11 @@ def pre_change_output(estimator, guide, trace, op, x):
         mean = mean + guide.loc["bias"].view(bias_view)
         var = op(x * x, scale_w * scale_w) + (guide.scale("bias") * guide.scale("bias")).view(bias_view)
         return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
-    sign_in = torch.randint(0, 2, x.shape).to(x.dtype).mul_(2).sub_(1)
+    from pyro_gbnn.reparameterization import _rademacher
+
+    sign_in = _rademacher(x.shape, x)
     perturbed = op(x * sign_in, trace.nodes["weight"]["value"] - loc_w)
-    sign_out = torch.randint(0, 2, mean.shape).to(mean.dtype).mul_(2).sub_(1)
+    sign_out = _rademacher(mean.shape, mean)
     return mean + perturbed * sign_out + bias.view(bias_view)
 
 
@@ -168,12 +170,16 @@ def test_non_normal_guide_draws_are_used_as_drawn_not_replaced_by_the_prior(esti
     assert weight.grad is not None
 
 
-def test_flipout_signs_are_the_draws_of_an_int64_randint():
+def test_flipout_signs_are_the_bits_of_uniform_random_bytes():
+    """Eight fair signs per random byte (least significant bit first), in the tensor's dtype."""
     from pyro_gbnn.reparameterization import _rademacher
 
-    like = torch.zeros(3)
+    like = torch.zeros(3, dtype=torch.float64)
     torch.manual_seed(11)
-    signs = _rademacher(torch.Size([64, 130]), like)
+    signs = _rademacher(torch.Size([64, 131]), like)
     torch.manual_seed(11)
-    expected = torch.randint(0, 2, (64, 130)).to(torch.float32).mul_(2).sub_(1)
-    assert signs.dtype == torch.float32 and torch.equal(signs, expected)
+    packed = torch.randint(0, 256, ((64 * 131 + 7) // 8,), dtype=torch.uint8)
+    bits = torch.tensor([(int(b) >> k) & 1 for b in packed for k in range(8)])[: 64 * 131]
+    assert signs.dtype == torch.float64 and torch.equal(signs.view(-1), bits.double() * 2 - 1)
+    many = _rademacher(torch.Size([1_000_000]), like)
+    assert abs(float(many.mean())) < 5e-3 and abs(float((many[1:] * many[:-1]).mean())) < 5e-3
