@@ -91,7 +91,7 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
     written.append(save_figure(entropy_histograms(probs_in, probs_out, names), out / "entropy_ood.png"))
     ood = ood_metrics(probs_in, probs_out)
     metrics = classification_metrics(prediction.probs, prediction.labels, bins)
-    fit = _variational_fit(run, network, guide, num_samples) if guide is not None else []
+    fit = _variational_fit(run, network, guide, num_samples, (x, y)) if guide is not None else []
     fit.append(
         f"- Out of distribution ({len(y)} test images against the same with their pixels shuffled by one "
         f"fixed permutation): predictive-entropy AUROC {ood['entropy_auroc']:.3f}, FPR at 95% TPR {ood['entropy_fpr95']:.3f}"
@@ -125,9 +125,9 @@ def _pixel_shuffled(x: torch.Tensor, seed: int) -> torch.Tensor:
     return x.reshape(n, c, h * w)[:, :, order].reshape(n, c, h, w)
 
 
-def _variational_fit(run, network, guide, num_samples: int, examples: int = 1000) -> list[str]:
-    """Lines for summary.md: Pareto k-hat of q on training examples, PSIS-LOO on test examples
-    (seeded random subsets)."""
+def _variational_fit(run, network, guide, num_samples: int, test: tuple[torch.Tensor, torch.Tensor], examples: int = 1000) -> list[str]:
+    """Lines for summary.md: Pareto k-hat of q on ``examples`` training examples (a seeded
+    random subset), PSIS-LOO on the ``test`` subset the pictures used."""
     from pyro_gbnn.arviz_compat import loo as psis_loo
     from pyro_gbnn.data import sample_examples
     from pyro_gbnn.diagnostics import khat_reading, to_inference_data, variational_khat
@@ -139,7 +139,7 @@ def _variational_fit(run, network, guide, num_samples: int, examples: int = 1000
         lines.append(f"- Pareto k-hat of p(w, D) / q(w) ({len(y)} training examples scaled to the data set): {khat:.2f}, {khat_reading(khat)}")
     except UsageError as err:
         lines.append(f"- Pareto k-hat: not defined here ({err})")
-    x, y = sample_examples(run.data.test, examples, run.config["seed"])
+    x, y = test
     idata = to_inference_data(guide, num_samples=max(num_samples, 100), bnn=network, data=(x, y))  # PSIS needs draws
     loo = psis_loo(idata)
     bad = int((loo.pareto_k > 0.7).sum())

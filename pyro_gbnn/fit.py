@@ -87,18 +87,12 @@ def resume_differences(args: argparse.Namespace, saved: dict) -> list[str]:
     """The settings that this command's flags (``--config``, named flags, ``--set``, applied
     in that order on top of the saved run's config) would change, each as
     ``"<key> <given> != saved <value>"``; none when the flags repeat the original command."""
-    given = merge(saved, _yaml_mapping(args.config)) if args.config is not None else saved
+    given = load_config(args.config, base=saved) if args.config is not None else saved
     given = merge(given, {k: v for k, v in _named_flags(args).items() if v is not None})
     if args.epochs is not None:
         given = merge(given, {TRAINING_STAGE.get(given["method"], "mean_field"): {"epochs": args.epochs}})
     old, new = flatten(saved), flatten(apply_overrides(given, args.overrides))
     return [f"{key} {new[key]!r} != saved {old.get(key)!r}" for key in new if new[key] != old.get(key)]
-
-
-def _yaml_mapping(path: str) -> dict:
-    """The mapping a --config file holds (its keys checked when merged)."""
-    load_config(path)  # one-line errors for a missing, malformed or unknown-key file
-    return yaml.safe_load(Path(path).read_text()) or {}
 
 
 _COLUMNS = (  # (metrics key, header, width, format)

@@ -158,6 +158,10 @@ class _Reader:
         bits = np.unpackbits(self.get(key).numpy(), count=shape.numel())
         return torch.from_numpy(bits.astype(bool)).reshape(shape)
 
+    def scattered(self, key: str, mask: torch.Tensor) -> torch.Tensor:
+        """The values stored for the True entries of ``mask``, zeros elsewhere, shaped like it."""
+        return torch.zeros(mask.shape).masked_scatter_(mask, self.values(key))
+
 
 # ----------------------------------------------------------------------------- guides -> tensors
 def _put_normal(w: _Writer, guide: nn.Module, header: dict) -> None:
@@ -224,13 +228,11 @@ def _put_shared_mixture(w: _Writer, guide: SharedMixtureGuide, header: dict, ind
 def _normal_guide(r: _Reader, sites: dict[str, torch.Size], header: dict) -> FixedNormalGuide:
     locs, scales = {}, {}
     for name, shape in sites.items():
-        loc, scale = r.values(f"loc/{name}"), r.values(f"scale/{name}")
         if header.get("sparse"):
             mask = r.mask(f"mask/{name}", shape)
-            locs[name] = torch.zeros(shape).masked_scatter_(mask, loc)
-            scales[name] = torch.zeros(shape).masked_scatter_(mask, scale)
+            locs[name], scales[name] = r.scattered(f"loc/{name}", mask), r.scattered(f"scale/{name}", mask)
         else:
-            locs[name], scales[name] = loc.reshape(shape), scale.reshape(shape)
+            locs[name], scales[name] = r.values(f"loc/{name}").reshape(shape), r.values(f"scale/{name}").reshape(shape)
     if r.quantized and not header.get("sparse"):  # as QuantizedMeanFieldGuide: stds stay > 0
         tiny = torch.finfo(torch.float32).tiny
         scales = {name: s.clamp_min(tiny) for name, s in scales.items()}
@@ -241,8 +243,7 @@ def _spike_slab_guide(r: _Reader, sites: dict[str, torch.Size], header: dict) ->
     locs, rhos, masks = {}, {}, {}
     for name, shape in sites.items():
         masks[name] = r.mask(f"mask/{name}", shape)
-        locs[name] = torch.zeros(shape).masked_scatter_(masks[name], r.values(f"loc/{name}"))
-        rhos[name] = torch.zeros(shape).masked_scatter_(masks[name], r.values(f"rho/{name}"))
+        locs[name], rhos[name] = r.scattered(f"loc/{name}", masks[name]), r.scattered(f"rho/{name}", masks[name])
     unit = {name: torch.ones(()) for name in sites}  # the prior only enters the KL, not prediction
     return PrunedSpikeSlabGuide(locs, rhos, masks, {n: torch.zeros(()) for n in sites}, unit, header["prior_inclusion"])
 

@@ -110,12 +110,6 @@ def build_mean_field(net: nn.Module, config: dict, dataset_size: int) -> tuple[B
     return bnn, build_guide(config["bnn"]["guide"], bnn)
 
 
-def _require_mean_field(guide: nn.Module, method: str) -> MeanFieldGuide:
-    if not isinstance(guide, MeanFieldGuide):
-        raise UsageError(f"method {method} starts from a mean-field posterior; set bnn.guide.class to mean_field (got {type(guide).__name__})")
-    return guide
-
-
 @dataclass
 class FitRun:
     """Everything the stages share: config, data, output paths and the checkpointed state."""
@@ -504,8 +498,7 @@ def _merge_every(run: FitRun, guide: SharedMixtureGuide) -> Callable[[int, torch
 def _stage_sharing(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     section = run.config["sharing"]
     started = time.perf_counter()
-    bnn, guide, elbo = _restore_mean_field(run, net)
-    _require_mean_field(guide, "2dgbnn")
+    bnn, guide, elbo = _restore_mean_field(run, net)  # a mean-field guide: validate_config checked bnn.guide
     epoch_after_stage1 = run.config["mean_field"]["epochs"]
     gradients = accumulate_gradients(
         elbo, guide, run.loader("train", epoch_after_stage1), section["grad_batches"], len(run.data.train), run.config["device"]
@@ -608,8 +601,7 @@ def _stage_quantize(run: FitRun, net: nn.Module, resume: dict | None) -> None:
     """Post-training quantization of the stage-1 guide, one evaluation per scale bit width;
     deployed: the packed codes and their fp32 scales plus the fp32 normalisation parameters."""
     section = run.config["int8"]
-    bnn, guide, _ = _restore_mean_field(run, net)
-    _require_mean_field(guide, "int8")
+    bnn, guide, _ = _restore_mean_field(run, net)  # a mean-field guide: validate_config checked bnn.guide
     others = count_trainable(bnn)
     n_params = count_trainable(guide) + others
     rows = {}
