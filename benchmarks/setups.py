@@ -30,7 +30,7 @@ import pyro_gbnn as pg
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.guides import site_key
 from pyro_gbnn.guides.shared_mixture import SharedMixtureGuide
-from pyro_gbnn.pipeline import accumulate_gradients
+from pyro_gbnn.methods.gbnn2d import accumulate_gradients
 from pyro_gbnn.predict import predict_batch
 from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
 
@@ -163,7 +163,7 @@ def save_plan(path: str, batch: Batch, sharing: dict | None = None) -> None:
 
 def build_gbnn(batch: Batch, semantics: str = "tied", name: str = "gbnn_tied", plan_path: str | None = None,
                sharing: dict | None = None, **_) -> Setup:
-    """2DGBNN fine-tuning (stage 3): parameter groups as ``pipeline._stage_fine_tune``.
+    """2DGBNN fine-tuning (stage 3): parameter groups as ``TwoDGBNN.stage_fine_tune`` (``pipeline.train_variational``).
 
     The plan comes from ``plan_path`` (see :func:`save_plan`) or is built here."""
     from pyro_gbnn.sharing.plan import SharingPlan

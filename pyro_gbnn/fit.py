@@ -20,9 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from pyro_gbnn.config import DEFAULTS, METHODS, apply_overrides, dataset_config_file, flatten, load_config, merge
+from pyro_gbnn.config import DEFAULTS, apply_overrides, dataset_config_file, flatten, load_config, merge
 from pyro_gbnn.errors import DivergedError, UsageError
-from pyro_gbnn.pipeline import FINAL_KEYS, TRAINING_STAGE
+from pyro_gbnn.methods import METHODS, method_class
+from pyro_gbnn.pipeline import FINAL_KEYS
 from pyro_gbnn.tracking import TRACKERS
 
 __all__ = ["main", "build_config", "base_config_file", "resume_differences"]
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dataset", help="mnist, cifar10, cifar100, imagenet or imagefolder")
     parser.add_argument("--model", help="network name (see pyro_gbnn.models.MODELS)")
-    parser.add_argument("--method", help=f"one of {', '.join(METHODS)}")
+    parser.add_argument("--method", help=f"one of {', '.join(METHODS)}, or a Method subclass by dotted path (package.module.Class)")
     parser.add_argument("--config", help="YAML file with settings (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. mean_field.lr=1e-3 (repeatable)")
     parser.add_argument("--data-dir", default=os.environ.get("PYRO_GBNN_DATA"), help="folder holding the data set (torchvision or ImageFolder layout); default: $PYRO_GBNN_DATA, else the config's data.dir")
@@ -69,13 +70,19 @@ def build_config(args: argparse.Namespace) -> dict:
     if args.cache_dir is not None:
         config["data"]["cache_dir"] = args.cache_dir
     config = apply_overrides(config, args.overrides)
-    if config["method"] not in METHODS:
-        raise UsageError(f"unknown method {config['method']!r}; use one of {', '.join(METHODS)}")
     if args.epochs is not None:
         if args.epochs < 1:
             raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
-        config[TRAINING_STAGE[config["method"]]]["epochs"] = args.epochs
+        config = merge(config, _epochs_update(config["method"], args.epochs))
     return config
+
+
+def _epochs_update(method: str, epochs: int) -> dict:
+    """The config change ``--epochs`` makes: the epochs of the method's training stage."""
+    stage = method_class(method).training_stage
+    if stage not in DEFAULTS:
+        raise UsageError(f"--epochs sets the epochs of method {method!r}'s stage {stage!r}, which has no config section; set them through method_args instead")
+    return {stage: {"epochs": epochs}}
 
 
 def _named_flags(args: argparse.Namespace) -> dict:
@@ -90,7 +97,7 @@ def resume_differences(args: argparse.Namespace, saved: dict) -> list[str]:
     given = load_config(args.config, base=saved) if args.config is not None else saved
     given = merge(given, {k: v for k, v in _named_flags(args).items() if v is not None})
     if args.epochs is not None:
-        given = merge(given, {TRAINING_STAGE.get(given["method"], "mean_field"): {"epochs": args.epochs}})
+        given = merge(given, _epochs_update(given["method"], args.epochs))
     old, new = flatten(saved), flatten(apply_overrides(given, args.overrides))
     return [f"{key} {new[key]!r} != saved {old.get(key)!r}" for key in new if new[key] != old.get(key)]
 

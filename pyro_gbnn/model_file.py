@@ -311,7 +311,8 @@ def export_model(
 ) -> dict[str, int]:
     """Write the model of a finished run (after ``stage``, default its last) to ``out``;
     returns the bytes of the file and of each part (``net``, ``posterior``, ``index``, ``header``)."""
-    from pyro_gbnn.pipeline import STAGES, model_after_stage, open_run
+    from pyro_gbnn.methods import method_class
+    from pyro_gbnn.pipeline import model_after_stage, open_run
 
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r} is unknown; use one of {PRECISIONS}")
@@ -322,7 +323,7 @@ def export_model(
         raise UsageError(f"{str(run_dir)!r} holds no checkpoint.pt; pass the --out folder of a pyro_gbnn.fit run")
     run = open_run(run_dir, data_dir)
     config = run.config
-    stage = stage or STAGES[config["method"]][-1]
+    stage = stage or method_class(config["method"]).stages[-1]
     network, guide = model_after_stage(run, stage)
     kind = _kind(guide)
     header: dict[str, Any] = {

@@ -1,11 +1,13 @@
-"""The staged training pipeline behind ``python -m pyro_gbnn.fit`` and the notebooks.
+"""The staged training pipeline behind ``python -m pyro_gbnn.fit`` and the notebooks: the
+machinery every method shares (run folder, checkpoints, timed epochs, SVI, evaluation);
+the methods and their stages live in :mod:`pyro_gbnn.methods`.
 
-Stages run in order (e.g. for 2DGBNN: stage 0 ``deterministic``, stage 1 ``mean_field``,
-stage 2 ``sharing``, stage 3 ``fine_tune``; see :data:`STAGES`); each finished
-epoch and each finished stage is written to ``OUT/checkpoint.pt`` atomically, with every
-random-number state, so ``resume=True`` continues a killed run and reaches the same
-result as an uninterrupted one. ``OUT`` also receives ``config.yaml``, ``log.jsonl`` and,
-at the end, ``metrics.json``.
+A method's stages run in order (e.g. for 2DGBNN: stage 0 ``deterministic``, stage 1
+``mean_field``, stage 2 ``sharing``, stage 3 ``fine_tune``); each finished epoch and each
+finished stage is written to ``OUT/checkpoint.pt`` atomically, with every random-number
+state, so ``resume=True`` continues a killed run and reaches the same result as an
+uninterrupted one. ``OUT`` also receives ``config.yaml``, ``log.jsonl`` and, at the end,
+``metrics.json``.
 
 Size accounting (``n_params_trainable``, ``size_bytes``): every value the optimizer
 updates (``requires_grad``), counted once (for a mean-field BNN: a mean and a scale per
@@ -13,7 +15,7 @@ Bayesian weight plus the deterministic normalisation parameters; for 2DGBNN only
 component values its semantics trains); ``size_bytes`` = 4 bytes per such value (fp32).
 Buffers (BatchNorm running statistics) are not counted. Compressed stages count
 what they deploy instead: spike-and-slab the kept weights, SSVI the active ones, INT8 the
-packed codes (each stage's code says how).
+packed codes (each method's module says how).
 """
 
 from __future__ import annotations
@@ -31,53 +33,23 @@ from torch.utils.data import Subset
 
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.checkpoint import atomic_write_bytes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from pyro_gbnn.config import METHODS, dump_config
+from pyro_gbnn.config import dump_config
 from pyro_gbnn.data import DataSplits, load_dataset, make_loader
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.errors import UsageError
-from pyro_gbnn.guides import MeanFieldGuide
-from pyro_gbnn.guides.shared_mixture import SharedMixtureGuide
-from pyro_gbnn.guides.sparse_subspace import SparseSubspaceGuide
-from pyro_gbnn.guides.spike_slab import PrunedSpikeSlabGuide, SpikeSlabGuide
 from pyro_gbnn.likelihoods import Categorical
 from pyro_gbnn.metrics import classification_metrics
 from pyro_gbnn.models import build_model
 from pyro_gbnn.predict import predict
-from pyro_gbnn.quantization import quantize_mean_field
+from pyro_gbnn.registry import build_prior
 from pyro_gbnn.tracking import Tracker, open_tracker
+from pyro_gbnn.train import JsonLinesLog, elbo_step, make_lr_schedule, make_optimizer, train_epochs
 from pyro_gbnn.validation import validate_config
-from pyro_gbnn.registry import build_guide, build_prior
-from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
-from pyro_gbnn.sharing.plan import SharingPlan
-from pyro_gbnn.train import (
-    JsonLinesLog,
-    deterministic_step,
-    elbo_step,
-    make_lr_schedule,
-    make_optimizer,
-    train_epochs,
-)
 
-__all__ = ["STAGES", "TRAINING_STAGE", "run_fit", "load_run_model", "open_run", "model_after_stage", "count_trainable", "build_bnn", "build_mean_field", "accumulate_gradients", "FitRun"]
-
-STAGES: dict[str, tuple[str, ...]] = {
-    "deterministic": ("deterministic",),
-    "mean-field": ("deterministic", "mean_field"),
-    "2dgbnn": ("deterministic", "mean_field", "sharing", "fine_tune"),
-    "spike-slab": ("deterministic", "spike_slab", "prune"),
-    "ssvi": ("ssvi",),
-    "int8": ("deterministic", "mean_field", "quantize"),
-}
-
-TRAINING_STAGE = {  # the stage whose epochs ``--epochs`` sets
-    "deterministic": "deterministic",
-    "mean-field": "mean_field",
-    "2dgbnn": "fine_tune",
-    "spike-slab": "spike_slab",
-    "ssvi": "ssvi",
-    "int8": "mean_field",
-}
-
+__all__ = [
+    "FINAL_KEYS", "FitRun", "run_fit", "open_run", "model_after_stage", "load_run_model", "count_trainable",
+    "build_bnn", "train_variational", "timed_epochs", "restore_training", "load_guide_state",
+]
 
 FINAL_KEYS = (
     "accuracy", "nll", "ece", "brier", "n_params_trainable", "size_bytes",
@@ -103,11 +75,10 @@ def build_bnn(net: nn.Module, config: dict, dataset_size: int) -> BayesianNetwor
     )
 
 
-def build_mean_field(net: nn.Module, config: dict, dataset_size: int) -> tuple[BayesianNetwork, nn.Module]:
-    """Stage-1 objects from a (pre-trained) network: the BNN and the guide of ``bnn.guide``
-    (mean-field by default; any registered or dotted-path guide class), means = net's weights."""
-    bnn = build_bnn(net, config, dataset_size)
-    return bnn, build_guide(config["bnn"]["guide"], bnn)
+def _method(config: dict):
+    from pyro_gbnn.methods import resolve_method  # the methods import this module
+
+    return resolve_method(config["method"], config.get("method_args"))  # runs saved before method_args had none
 
 
 @dataclass
@@ -132,6 +103,10 @@ class FitRun:
     def log(self) -> JsonLinesLog:
         return JsonLinesLog(self.out / "log.jsonl", self.tracker)
 
+    @property
+    def dataset_size(self) -> int:
+        return len(self.data.train)
+
     def loader(self, split: str, epoch: int = 0):
         data_cfg = self.config["data"]
         dataset = getattr(self.data, split)
@@ -148,6 +123,11 @@ class FitRun:
     @property
     def eval_split(self) -> str:
         return "val" if self.data.val is not None else "test"
+
+    def pretrained(self, net: nn.Module) -> nn.Module:
+        """``net`` with the weights stage 0 (``deterministic``) finished with."""
+        net.load_state_dict(self.outputs["deterministic"]["net"])
+        return net
 
     def save(self, stage: str, epoch: int, states: dict[str, Any]) -> None:
         save_checkpoint(
@@ -180,9 +160,11 @@ class FitRun:
         trained: nn.Module,
         output: dict,
         size: tuple[int, int] | None = None,
+        epochs: int | None = None,
     ) -> None:
         """Test metrics and size of a finished stage; ``size`` = (parameters, bytes) of
-        what the stage deploys, default: every trainable value of ``trained`` in fp32."""
+        what the stage deploys, default: every trainable value of ``trained`` in fp32;
+        ``epochs`` default: the stage's config section's."""
         num_samples = 1 if guide is None else self.config["predict"]["num_samples"]
         started = time.perf_counter()
         metrics = self.evaluate(bnn, guide, "test", num_samples)
@@ -193,15 +175,17 @@ class FitRun:
             **metrics,
             "n_params_trainable": n_params,
             "size_bytes": size_bytes,
-            "epochs": self.config.get(stage, {}).get("epochs", 0),
+            "epochs": self.config.get(stage, {}).get("epochs", 0) if epochs is None else epochs,
             "wall_time_s": round(self.stage_time.get(stage, 0.0), 2),
         }
         self.outputs[stage] = output
         self.log.write({"stage": stage, "finished": True, "test": self.results[stage]})
 
 
-def _timed_epochs(run: FitRun, stage: str, start_epoch: int, **kwargs) -> None:
-    """train_epochs with the stage's wall time accumulated across resumes and checkpoints each epoch."""
+def timed_epochs(run: FitRun, stage: str, start_epoch: int, **kwargs) -> None:
+    """:func:`~pyro_gbnn.train.train_epochs` with the stage's wall time accumulated across
+    resumes and a checkpoint after every epoch: ``save_states()`` gives the stage's state
+    dicts, an optional ``epoch_end(epoch)`` runs before each checkpoint."""
     save_states = kwargs.pop("save_states")
     epoch_end = kwargs.pop("epoch_end", None)
     clock = [time.perf_counter()]
@@ -218,7 +202,7 @@ def _timed_epochs(run: FitRun, stage: str, start_epoch: int, **kwargs) -> None:
     run.stage_time[stage] = run.stage_time.get(stage, 0.0) + time.perf_counter() - clock[0]
 
 
-def _restore_training(resume: dict | None, key: str, module: nn.Module, optimizer, schedule) -> int:
+def restore_training(resume: dict | None, key: str, module: nn.Module, optimizer, schedule) -> int:
     """Load a mid-stage checkpoint into the stage's objects; returns the epoch to start at."""
     if resume is None:
         return 0
@@ -229,54 +213,7 @@ def _restore_training(resume: dict | None, key: str, module: nn.Module, optimize
     return resume["epoch"]
 
 
-def load_pretrained(net: nn.Module, path: str | Path) -> None:
-    """Weights for stage 0 from a pyro_gbnn checkpoint or a plain ``state_dict`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--init-from {str(path)!r} does not exist; pass a checkpoint.pt of a finished stage 0 or a state_dict file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UsageError(f"--init-from {str(path)!r} is not a readable torch file ({type(err).__name__}); pass a checkpoint.pt or a state_dict") from None
-    if isinstance(state, dict) and "outputs" in state:
-        if "deterministic" not in state["outputs"]:
-            raise UsageError(f"checkpoint {str(path)!r} has no finished deterministic stage to start from")
-        state = state["outputs"]["deterministic"]["net"]
-    try:
-        net.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0][:160]
-        raise UsageError(f"--init-from {str(path)!r} does not fit the model: {first}") from None
-
-
-def _stage_deterministic(run: FitRun, net: nn.Module, resume: dict | None) -> None:
-    section = run.config["deterministic"]
-    if run.config["init_from"]:
-        load_pretrained(net, run.config["init_from"])
-        run.finish_stage("deterministic", net, None, net, {"net": net.state_dict()})
-        run.results["deterministic"].update(epochs=0, init_from=str(run.config["init_from"]))
-        return
-    optimizer = make_optimizer([{"params": list(net.parameters())}], section)
-    steps = len(run.loader("train"))
-    schedule = make_lr_schedule(optimizer, section, steps)
-    start = _restore_training(resume, "net", net, optimizer, schedule)
-    _timed_epochs(
-        run,
-        "deterministic",
-        start,
-        step=deterministic_step(net),
-        module=net,
-        optimizer=optimizer,
-        schedule=schedule,
-        batches_for_epoch=lambda e: run.loader("train", e),
-        epochs=section["epochs"],
-        evaluate=lambda: run.evaluate(net, None, run.eval_split, 1),
-        save_states=lambda: {"net": net.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
-    )
-    run.finish_stage("deterministic", net, None, net, {"net": net.state_dict()})
-
-
-def _train_variational(
+def train_variational(
     run: FitRun,
     stage: str,
     bnn: BayesianNetwork,
@@ -284,15 +221,16 @@ def _train_variational(
     resume: dict | None,
     first_epoch: int = 0,
     epoch_end: Callable[[int, torch.optim.Optimizer], None] | None = None,
+    section: dict | None = None,
 ) -> AnalyticKL_ELBO:
-    """SVI on the ELBO for ``config[stage]`` epochs: means at ``lr``, scale-like parameters
-    at ``lr_scale`` (appendix I.4; the guide's ``loc_parameters()`` and
-    ``scale_parameters()``), the network's deterministic parameters at ``lr``. The KL
-    weight rises linearly to ``kl_scale`` (1: the ELBO) over ``kl_warmup_epochs``; a guide's ``after_step(optimizer)``
-    runs after every step; ``epoch_end(epoch, optimizer)`` after every epoch, before its
-    checkpoint. ``first_epoch`` offsets the data order so each stage sees fresh
-    permutations."""
-    section = run.config[stage]
+    """SVI on the ELBO with the settings of ``section`` (default ``config[stage]``): means at
+    ``lr``, scale-like parameters at ``lr_scale`` (appendix I.4; the guide's
+    ``loc_parameters()`` and ``scale_parameters()``), the network's deterministic parameters
+    at ``lr``. The KL weight rises linearly to ``kl_scale`` (1: the ELBO) over
+    ``kl_warmup_epochs``; a guide's ``after_step(optimizer)`` runs after every step;
+    ``epoch_end(epoch, optimizer)`` after every epoch, before its checkpoint. ``first_epoch``
+    offsets the data order so each stage sees fresh permutations."""
+    section = run.config[stage] if section is None else section
     elbo = AnalyticKL_ELBO(bnn, guide, num_particles=section["num_particles"])
     locations, scales = list(guide.loc_parameters()), list(guide.scale_parameters())
     groups = [{"params": locations, "lr": section["lr"]}]
@@ -304,14 +242,14 @@ def _train_variational(
     optimizer = make_optimizer(groups, section)
     steps_per_epoch = len(run.loader("train"))
     schedule = make_lr_schedule(optimizer, section, steps_per_epoch)
-    start = _restore_training(resume, "elbo", elbo, optimizer, schedule)
+    start = restore_training(resume, "elbo", elbo, optimizer, schedule)
     kl_weight = _kl_weight(section, steps_per_epoch, schedule)
     guide_update = getattr(guide, "after_step", None)
-    _timed_epochs(
+    timed_epochs(
         run,
         stage,
         start,
-        step=elbo_step(elbo, len(run.data.train), kl_weight),
+        step=elbo_step(elbo, run.dataset_size, kl_weight),
         after_step=(lambda: guide_update(optimizer)) if guide_update is not None else None,
         module=elbo,
         optimizer=optimizer,
@@ -335,20 +273,13 @@ def _kl_weight(section: dict, steps_per_epoch: int, schedule) -> Callable[[], fl
     return (lambda: scale) if scale != 1.0 else None
 
 
-def _stage_mean_field(run: FitRun, net: nn.Module, resume: dict | None) -> None:
-    net.load_state_dict(run.outputs["deterministic"]["net"])
-    bnn, guide = build_mean_field(net, run.config, len(run.data.train))
-    elbo = _train_variational(run, "mean_field", bnn, guide, resume)
-    run.finish_stage("mean_field", bnn, guide, elbo, {"elbo": elbo.state_dict()})
-
-
-def _restore_mean_field(run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, MeanFieldGuide, AnalyticKL_ELBO]:
-    """The stage-1 BNN, guide and ELBO as they were when stage 1 finished."""
-    net.load_state_dict(run.outputs["deterministic"]["net"])
-    bnn, guide = build_mean_field(net, run.config, len(run.data.train))
-    elbo = AnalyticKL_ELBO(bnn, guide)
-    elbo.load_state_dict(run.outputs["mean_field"]["elbo"])
-    return bnn, guide, elbo
+def load_guide_state(run: FitRun, stage: str, elbo: AnalyticKL_ELBO, state: dict) -> None:
+    """``elbo.load_state_dict(state)`` (the guide a stage saved), or a one-line error naming the stage."""
+    try:
+        elbo.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()[:160]
+        raise UsageError(f"the {stage} guide in {str(run.out)!r} was written by another version of pyro_gbnn ({first}); re-run that stage") from None
 
 
 def open_run(out_dir: str | Path, data_dir: str | Path | None = None) -> FitRun:
@@ -370,48 +301,12 @@ def model_after_stage(run: FitRun, stage: str | None = None) -> tuple[nn.Module,
     quantized guide at the first of ``int8.scale_bits``; for ``sharing``, the stage-2
     guide before fine-tuning).
     """
-    config, out = run.config, run.out
-    stage = stage or STAGES[config["method"]][-1]
+    method = _method(run.config)
+    stage = stage or method.stages[-1]
     if stage not in run.results:
-        raise UsageError(f"the run in {str(out)!r} has not finished stage {stage!r}; resume it with --resume first")
-    net = _build_net(config, run.data).to(config["device"])
-    if stage != "ssvi":
-        net.load_state_dict(run.outputs["deterministic"]["net"])
-    if stage == "deterministic":
-        return net, None
-    if stage in ("mean_field", "quantize"):
-        bnn, guide, _ = _restore_mean_field(run, net)
-        if stage == "quantize":
-            section = config["int8"]
-            guide = quantize_mean_field(guide, section["loc_bits"], int(section["scale_bits"][0]), section["per_channel"])
-        return bnn, guide
-    if stage == "spike_slab":
-        bnn, guide = _spike_slab_guide(run, net)
-        _load_guide_state(run, stage, AnalyticKL_ELBO(bnn, guide), run.outputs[stage]["elbo"])
-        return bnn, guide
-    if stage == "prune":
-        bnn, _, pruned = _pruned_guide(run, net)
-        if "elbo" in run.outputs["prune"]:
-            _load_guide_state(run, stage, AnalyticKL_ELBO(bnn, pruned), run.outputs[stage]["elbo"])
-        return bnn, pruned
-    if stage == "ssvi":
-        bnn, guide = _ssvi_guide(run, net)
-        _load_guide_state(run, stage, AnalyticKL_ELBO(bnn, guide), run.outputs[stage]["elbo"])
-        return bnn, guide
-    bnn = build_bnn(net, config, len(run.data.train))
-    bnn.load_state_dict(run.outputs["sharing"]["bnn"])
-    guide = _shared_guide(run, bnn, SharingPlan.from_state(run.outputs["sharing"]["plan"]))
-    if stage == "fine_tune":
-        _load_guide_state(run, stage, AnalyticKL_ELBO(bnn, guide), run.outputs[stage]["elbo"])
-    return bnn, guide
-
-
-def _load_guide_state(run: FitRun, stage: str, elbo: AnalyticKL_ELBO, state: dict) -> None:
-    try:
-        elbo.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1].strip()[:160]
-        raise UsageError(f"the {stage} guide in {str(run.out)!r} was written by another version of pyro_gbnn ({first}); re-run that stage") from None
+        raise UsageError(f"the run in {str(run.out)!r} has not finished stage {stage!r}; resume it with --resume first")
+    net = _build_net(run.config, run.data).to(run.config["device"])
+    return method.model_after(stage, run, net)
 
 
 def load_run_model(
@@ -421,217 +316,6 @@ def load_run_model(
     :func:`open_run` then :func:`model_after_stage`."""
     run = open_run(out_dir, data_dir)
     return (run, *model_after_stage(run, stage))
-
-
-def accumulate_gradients(
-    elbo: AnalyticKL_ELBO, guide: MeanFieldGuide, batches, num_batches: int, dataset_size: int, device="cpu"
-) -> dict[str, torch.Tensor]:
-    """Mean |d(-ELBO per datum) / d loc| of every weight over ``num_batches`` batches (section 4.1)."""
-    totals = {name: torch.zeros(shape) for name, shape in guide.site_shapes.items()}
-    seen = 0
-    for x, y in batches:
-        if seen == num_batches:
-            break
-        elbo.zero_grad(set_to_none=True)
-        (elbo(x.to(device), y.to(device)) / dataset_size).backward()
-        for name in totals:
-            totals[name] += guide.location(name).grad.detach().abs().cpu()
-        seen += 1
-    elbo.zero_grad(set_to_none=True)
-    return {name: total / max(seen, 1) for name, total in totals.items()}
-
-
-def sharing_metrics(plan: SharingPlan) -> dict[str, int]:
-    """The plan's counts, and the parameter count as the paper's tables give it
-    (outliers + ellipses + 2 x Gaussians), to read our rows beside the paper's."""
-    outliers, ellipses = int(plan.outlier_index.numel()), int(plan.ellipse_index.numel())
-    return {
-        "n_outliers": outliers,
-        "n_ellipses": ellipses,
-        "n_gaussians": plan.num_components,
-        "n_params_paper": outliers + ellipses + 2 * plan.num_components,
-    }
-
-
-def _shared_guide(run: FitRun, bnn: BayesianNetwork, plan: SharingPlan) -> SharedMixtureGuide:
-    section = run.config["fine_tune"]
-    return SharedMixtureGuide(
-        bnn, plan, semantics=section["semantics"], prior=section["shared_prior"], kl_weighting=section["kl_weighting"]
-    )
-
-
-def _finish_shared_stage(run: FitRun, stage: str, bnn, guide: SharedMixtureGuide, output: dict) -> None:
-    """Metrics and sizes of the plan as the guide stands (merging may have retired components):
-    ``size_bytes`` is what deployment stores, the fp32 values (``size_bytes_values``) and the
-    index and blend tables (``size_bytes_index``), as the other methods count masks."""
-    n_params = guide.num_trainable_values() + count_trainable(bnn)
-    plan = guide.plan()
-    values, index = 4 * n_params, plan.index_bytes()
-    run.finish_stage(stage, bnn, guide, bnn, output, size=(n_params, values + index))
-    result = run.results[stage]
-    result.update(sharing_metrics(plan), size_bytes_values=values, size_bytes_index=index)
-
-
-def _sharing_settings(run: FitRun) -> SharingSettings:
-    """Stage 2's settings from the ``sharing`` section (less ``grad_batches``) and the run's seed."""
-    section = {k: v for k, v in run.config["sharing"].items() if k != "grad_batches"}
-    return SharingSettings.from_dict(section | {"seed": run.config["seed"]})
-
-
-def _merge_every(run: FitRun, guide: SharedMixtureGuide) -> Callable[[int, torch.optim.Optimizer], None] | None:
-    """``fine_tune.merge_every`` > 0: stage 2's merge tests re-run on the trained components
-    after every that many epochs (not after the last), as the authors' code does."""
-    every, epochs = run.config["fine_tune"].get("merge_every", 0), run.config["fine_tune"]["epochs"]  # absent in older runs
-    if not every:
-        return None
-    settings = _sharing_settings(run)
-
-    def merge(epoch: int, optimizer: torch.optim.Optimizer) -> None:
-        if epoch % every or epoch == epochs:
-            return
-        retired = guide.merge_close_components(optimizer, settings)
-        run.log.write({"stage": "fine_tune", "epoch": epoch, "merged": retired, "n_gaussians": int(guide.alive.sum())})
-
-    return merge
-
-
-def _stage_sharing(run: FitRun, net: nn.Module, resume: dict | None) -> None:
-    section = run.config["sharing"]
-    started = time.perf_counter()
-    bnn, guide, elbo = _restore_mean_field(run, net)  # a mean-field guide: validate_config checked bnn.guide
-    epoch_after_stage1 = run.config["mean_field"]["epochs"]
-    gradients = accumulate_gradients(
-        elbo, guide, run.loader("train", epoch_after_stage1), section["grad_batches"], len(run.data.train), run.config["device"]
-    )
-    plan = build_sharing_plan(guide.posterior_moments(), gradients, _sharing_settings(run))
-    atomic_write_bytes(run.out / "sharing_plan.pt", lambda handle: torch.save(plan.to_state(), handle))
-    shared = _shared_guide(run, bnn, plan)
-    run.stage_time["sharing"] = time.perf_counter() - started
-    _finish_shared_stage(run, "sharing", bnn, shared, {"plan": plan.to_state(), "bnn": bnn.state_dict()})
-    run.results["sharing"]["report"] = {k: v for k, v in plan.report.items() if k != "settings"}
-
-
-def _stage_fine_tune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
-    net.load_state_dict(run.outputs["deterministic"]["net"])
-    bnn = build_bnn(net, run.config, len(run.data.train))
-    bnn.load_state_dict(run.outputs["sharing"]["bnn"])
-    plan = SharingPlan.from_state(run.outputs["sharing"]["plan"])
-    guide = _shared_guide(run, bnn, plan)
-    first_epoch = run.config["mean_field"]["epochs"] + 1
-    elbo = _train_variational(run, "fine_tune", bnn, guide, resume, first_epoch, _merge_every(run, guide))
-    _finish_shared_stage(run, "fine_tune", bnn, guide, {"elbo": elbo.state_dict()})
-
-
-def _spike_slab_guide(run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, SpikeSlabGuide]:
-    section = run.config["spike_slab"]
-    net.load_state_dict(run.outputs["deterministic"]["net"])
-    bnn = build_bnn(net, run.config, len(run.data.train))
-    guide = SpikeSlabGuide(
-        bnn,
-        prior_inclusion=section["prior_inclusion"],
-        init_inclusion=section["init_inclusion"],
-        update_rate=section["update_rate"],
-    )
-    return bnn, guide
-
-
-def _stage_spike_slab(run: FitRun, net: nn.Module, resume: dict | None) -> None:
-    bnn, guide = _spike_slab_guide(run, net)
-    elbo = _train_variational(run, "spike_slab", bnn, guide, resume)
-    n_params = count_trainable(elbo) + sum(shape.numel() for shape in bnn.site_shapes.values())  # + one phi per weight
-    run.finish_stage("spike_slab", bnn, guide, elbo, {"elbo": elbo.state_dict()}, size=(n_params, 4 * n_params))
-    run.results["spike_slab"]["sparsity"] = guide.sparsity(run.config["spike_slab"]["prune_threshold"])
-
-
-def _pruned_guide(run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, SpikeSlabGuide, PrunedSpikeSlabGuide]:
-    """(network, trained spike-and-slab guide, its pruned guide before pruned fine-tuning)."""
-    bnn, guide = _spike_slab_guide(run, net)
-    AnalyticKL_ELBO(bnn, guide).load_state_dict(run.outputs["spike_slab"]["elbo"])
-    return bnn, guide, guide.prune(run.config["spike_slab"]["prune_threshold"])
-
-
-def _stage_prune(run: FitRun, net: nn.Module, resume: dict | None) -> None:
-    """Keep the weights whose posterior inclusion probability exceeds ``prune_threshold``,
-    then, if ``prune.epochs`` > 0, fine-tune the kept weights' mu and sigma (the mask is
-    fixed). Deployed: mean and scale of each kept weight plus a one-bit mask per weight."""
-    started = time.perf_counter()
-    bnn, guide, pruned = _pruned_guide(run, net)
-    threshold = run.config["spike_slab"]["prune_threshold"]
-    run.stage_time["prune"] = run.stage_time.get("prune", 0.0) + time.perf_counter() - started
-    output = {}
-    if run.config["prune"]["epochs"] > 0:
-        output = {"elbo": _train_variational(run, "prune", bnn, pruned, resume).state_dict()}
-    others = count_trainable(bnn)
-    size = (2 * pruned.num_kept() + others, pruned.size_bytes() + 4 * others)
-    run.finish_stage("prune", bnn, pruned, bnn, output, size=size)
-    run.results["prune"].update(sparsity=guide.sparsity(threshold), n_kept=pruned.num_kept())
-
-
-def _ssvi_guide(run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, SparseSubspaceGuide]:
-    section = run.config["ssvi"]
-    bnn = build_bnn(net, run.config, len(run.data.train))
-    steps = int(section["update_fraction"] * section["epochs"] * len(run.loader("train")))
-    guide = SparseSubspaceGuide(
-        bnn,
-        density=section["density"],
-        removal=section["removal"],
-        addition=section["addition"],
-        update_every=section["update_every"],
-        replacement_rate=section["replacement_rate"],
-        total_steps=steps,
-        seed=run.config["seed"],
-    )
-    return bnn, guide
-
-
-def _stage_ssvi(run: FitRun, net: nn.Module, resume: dict | None) -> None:
-    """SSVI from the network's initial weights: only the active subspace is ever trained."""
-    bnn, guide = _ssvi_guide(run, net)
-    elbo = _train_variational(run, "ssvi", bnn, guide, resume)
-    others = count_trainable(bnn)
-    size = (2 * guide.num_active() + others, guide.size_bytes() + 4 * others)
-    run.finish_stage("ssvi", bnn, guide, elbo, {"elbo": elbo.state_dict()}, size=size)
-    x, _ = run.data.test[0]
-    run.results["ssvi"].update(
-        density=guide.density(), train_flops_ratio=guide.training_flops_ratio(bnn, (1, *x.shape))
-    )
-
-
-def _stage_quantize(run: FitRun, net: nn.Module, resume: dict | None) -> None:
-    """Post-training quantization of the stage-1 guide, one evaluation per scale bit width;
-    deployed: the packed codes and their fp32 scales plus the fp32 normalisation parameters."""
-    section = run.config["int8"]
-    bnn, guide, _ = _restore_mean_field(run, net)  # a mean-field guide: validate_config checked bnn.guide
-    others = count_trainable(bnn)
-    n_params = count_trainable(guide) + others
-    rows = {}
-    for bits in section["scale_bits"]:
-        started = time.perf_counter()
-        quantized = quantize_mean_field(guide, loc_bits=section["loc_bits"], scale_bits=int(bits), per_channel=section["per_channel"])
-        metrics = run.evaluate(bnn, quantized, "test", run.config["predict"]["num_samples"])
-        rows[str(bits)] = {**metrics, "size_bytes": quantized.size_bytes() + 4 * others, "wall_time_s": round(time.perf_counter() - started, 2)}
-    first = str(section["scale_bits"][0])
-    run.results["quantize"] = {
-        **rows[first],
-        "n_params_trainable": n_params,
-        "scale_bits": int(first),
-        "loc_bits": section["loc_bits"],
-        "by_scale_bits": rows,
-    }
-    run.outputs["quantize"] = {}
-    run.log.write({"stage": "quantize", "finished": True, "test": run.results["quantize"]})
-
-
-STAGE_RUNNERS = {
-    "deterministic": _stage_deterministic,
-    "mean_field": _stage_mean_field,
-    "sharing": _stage_sharing,
-    "fine_tune": _stage_fine_tune,
-    "spike_slab": _stage_spike_slab,
-    "prune": _stage_prune,
-    "ssvi": _stage_ssvi,
-    "quantize": _stage_quantize,
-}
 
 
 def _load_data(config: dict) -> DataSplits:
@@ -682,8 +366,6 @@ def run_fit(
 
 
 def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
-    if config["method"] not in STAGES:
-        raise UsageError(f"unknown method {config['method']!r}; use one of {', '.join(METHODS)}")
     out = Path(out_dir)
     checkpoint = out / "checkpoint.pt"
     state = None
@@ -695,6 +377,7 @@ def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
     elif checkpoint.exists() or (out / "metrics.json").exists():
         raise UsageError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
     validate_config(config)
+    method = _method(config)
     if config["threads"]:
         torch.set_num_threads(int(config["threads"]))
     pyro.set_rng_seed(config["seed"])
@@ -705,27 +388,30 @@ def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
         atomic_write_bytes(out / "config.yaml", lambda h: h.write(dump_config(config).encode()))
     tracker = open_tracker(config.get("tracker", "none"), out, config)  # runs saved before trackers existed have none
     try:
-        return _run_stages(config, out, data, net, state, tracker, progress)
+        run = FitRun(config, out, data, config["progress"] if progress is None else progress, tracker=tracker)
+        return _run_stages(run, method, net, state)
     finally:
         tracker.close()
 
 
-def _run_stages(config, out, data, net, state, tracker, progress) -> dict[str, Any]:
-    run = FitRun(config, out, data, config["progress"] if progress is None else progress, tracker=tracker)
+def _run_stages(run: FitRun, method, net: nn.Module, state: dict | None) -> dict[str, Any]:
+    config = run.config
     if state is not None:
         run.results, run.outputs, run.stage_time = state["results"], state["outputs"], state["stage_time"]
         run.stage_rng = state.get("stage_rng", {})
-    for stage in STAGES[config["method"]]:
+    for stage in method.stages:
         if stage in run.results:
             continue
         resume_state = state if state is not None and state["stage"] == stage and state["epoch"] > 0 else None
         if state is not None and resume_state is None:
             set_rng_state(state["rng"])
-        STAGE_RUNNERS[stage](run, net, resume_state)
+        method.run_stage(stage, run, net, resume_state)
+        if stage not in run.results:
+            raise UsageError(f"method {config['method']!r}: stage_{stage} returned without run.finish_stage({stage!r}, ...), so it has no results")
         run.stage_rng[stage] = rng_state()  # a later run can branch off after this stage exactly
-        run.save(stage, config.get(stage, {}).get("epochs", 0), {})
+        run.save(stage, run.results[stage].get("epochs", 0), {})
         state = None
-    final = run.results[STAGES[config["method"]][-1]]
+    final = run.results[method.stages[-1]]
     metrics = {
         **{k: final[k] for k in FINAL_KEYS if k in final},
         "dataset": config["dataset"],
@@ -733,8 +419,8 @@ def _run_stages(config, out, data, net, state, tracker, progress) -> dict[str, A
         "method": config["method"],
         "stages": run.results,
     }
-    atomic_write_bytes(out / "metrics.json", lambda h: h.write(json.dumps(metrics, indent=2).encode()))
+    atomic_write_bytes(run.out / "metrics.json", lambda h: h.write(json.dumps(metrics, indent=2).encode()))
     from pyro_gbnn.fit import format_table
 
-    tracker.text("stage_table", format_table(metrics))
+    run.tracker.text("stage_table", format_table(metrics))
     return metrics

@@ -18,7 +18,7 @@ from pyro_gbnn.guides.sparse_subspace import SparseSubspaceGuide
 from pyro_gbnn.guides.spike_slab import SpikeSlabGuide
 from pyro_gbnn.priors import IIDNormalPrior, LayerwiseNormalPrior, Prior, ScaleMixturePrior
 
-__all__ = ["GUIDES", "PRIORS", "build_guide", "build_prior", "resolve_class"]
+__all__ = ["GUIDES", "PRIORS", "build_guide", "build_prior", "construct", "resolve_class"]
 
 PRIORS: dict[str, type[Prior]] = {
     "iid_normal": IIDNormalPrior,
@@ -62,7 +62,7 @@ def build_prior(spec: dict[str, Any]) -> Prior:
         raise UsageError(f"prior class {spec['class']!r} must subclass pyro_gbnn.priors.Prior and implement prior_dist(name, module, param)")
     if cls.prior_dist is Prior.prior_dist:
         raise UsageError(f"prior class {spec['class']!r} does not implement prior_dist(name, module, param)")
-    return _construct(cls, "prior", spec["class"], args)
+    return construct(cls, "prior", spec["class"], args)
 
 
 def build_guide(spec: dict[str, Any], bnn) -> SiteGuide:
@@ -73,10 +73,10 @@ def build_guide(spec: dict[str, Any], bnn) -> SiteGuide:
         raise UsageError(f"guide class {name!r} must subclass pyro_gbnn.guides.SiteGuide and implement distribution(name)")
     if cls.distribution is SiteGuide.distribution:
         raise UsageError(f"guide class {name!r} does not implement distribution(name), the q of one weight site")
-    return _construct(cls, "guide", name, args, bnn)
+    return construct(cls, "guide", name, args, bnn)
 
 
-def _construct(cls: type, kind: str, name: str, args: dict, *positional: Any) -> Any:
+def construct(cls: type, kind: str, name: str, args: dict, *positional: Any) -> Any:
     """``cls(*positional, **args)``: arguments its ``__init__`` does not take are "rejected
     args"; an error raised inside it keeps its own type and message in the one line."""
     try:

@@ -1,7 +1,8 @@
 """One check of a whole resolved run config, before any data is loaded or any epoch trains.
 
-Every setting's type and range, every name that must be one of a list, the device, and
-settings that the chosen method would silently ignore: the first problem found is a
+Every setting's type and range, every name that must be one of a list, the device, the
+method (a built-in or a dotted path, with its ``method_args``) and settings that it would
+silently ignore (its ``check_config``): the first problem found is a
 :class:`~pyro_gbnn.errors.UsageError` of one line that names the key, what it accepts and
 the value given (the command line prints it and exits with 2).
 """
@@ -75,7 +76,6 @@ VARIATIONAL = SCHEDULED[1:]
 
 def _rules() -> dict[str, Check]:
     from pyro_gbnn.data import DATASETS
-    from pyro_gbnn.config import METHODS
     from pyro_gbnn.guides.shared_mixture import KL_WEIGHTINGS, PRIOR_CHOICES, SEMANTICS
     from pyro_gbnn.guides.sparse_subspace import ADDITION_RULES, REMOVAL_CRITERIA
     from pyro_gbnn.models import MODELS
@@ -87,7 +87,6 @@ def _rules() -> dict[str, Check]:
 
     rules: dict[str, Check] = {
         "dataset": _choice(DATASETS),
-        "method": _choice(METHODS),
         "model": _choice(MODELS),
         "seed": _integer(0),
         "threads": _integer(1, none=True),
@@ -194,20 +193,6 @@ def _check_device(device: Any) -> None:
         raise UsageError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def _check_guide(config: dict) -> None:
-    from pyro_gbnn.config import DEFAULTS
-    from pyro_gbnn.guides import MeanFieldGuide
-    from pyro_gbnn.registry import GUIDES, resolve_class
-
-    guide = config["bnn"]["guide"]
-    method = config["method"]
-    if method in ("deterministic", "spike-slab", "ssvi") and guide != DEFAULTS["bnn"]["guide"]:
-        owner = {"deterministic": "no guide", "spike-slab": "its own spike-and-slab guide", "ssvi": "its own sparse-subspace guide"}[method]
-        raise UsageError(f"bnn.guide is not used by method {method} (it trains {owner}); remove bnn.guide from the config")
-    if method in ("2dgbnn", "int8") and not issubclass(resolve_class(guide["class"], GUIDES, "guide"), MeanFieldGuide):
-        raise UsageError(f"method {method} starts from a mean-field posterior; set bnn.guide.class to mean_field (got {guide.get('class')!r})")
-
-
 def validate_config(config: dict) -> None:
     """Raise a one-line :class:`UsageError` at the first setting of ``config`` that is out of
     type or range, names an unknown choice, asks for a missing device, or would be ignored."""
@@ -220,5 +205,7 @@ def validate_config(config: dict) -> None:
             if problem is not None:
                 raise UsageError(f"{path} must be {problem}, got {value!r}")
     _check_device(config["device"])
-    _check_guide(config)
+    from pyro_gbnn.methods import resolve_method
+
+    resolve_method(config["method"], config.get("method_args")).check_config(config)  # runs saved before method_args had none
 

@@ -93,6 +93,7 @@ def test_save_load_gives_identical_predictions(fake_mnist, tmp_path):
     import pyro
 
     from pyro_gbnn.data import load_dataset, make_loader
+    from pyro_gbnn.methods.mean_field import build_mean_field
     from pyro_gbnn.models import build_model
     from pyro_gbnn.predict import predict
 
@@ -104,7 +105,7 @@ def test_save_load_gives_identical_predictions(fake_mnist, tmp_path):
 
     def restored():
         net = build_model("mlp", 10, 1, 28)
-        bnn, guide = pipeline.build_mean_field(net, config, len(data.train))
+        bnn, guide = build_mean_field(net, config, len(data.train))
         torch.nn.ModuleDict({"bnn": bnn, "guide": guide}).load_state_dict(saved["outputs"]["mean_field"]["elbo"])
         return bnn, guide
 
@@ -427,3 +428,24 @@ def test_ctrl_c_ends_with_one_line_naming_the_resume_command(tmp_path, capsys, m
     monkeypatch.setattr(pipeline, "run_fit", interrupted)
     code, err = run_cli(["--dataset", "mnist", "--out", str(tmp_path / "r"), "--no-progress"], capsys)
     assert code == 130 and err == [f"interrupted; the last finished epoch is saved: python -m pyro_gbnn.fit --out {tmp_path / 'r'} --resume"]
+
+
+def test_dataset_cifar10_as_typed_finishes_on_a_tiny_fake_cifar_folder(tmp_path, capsys, monkeypatch):
+    """The mission's command plus --data-dir, --epochs 1 and small settings: all four
+    2DGBNN stages of ResNet-20 from configs/cifar10_resnet20.yaml run to the end."""
+    from tests.test_data import write_cifar10_jpeg
+
+    write_cifar10_jpeg(tmp_path / "data", per_class=2)
+    monkeypatch.chdir(tmp_path)
+    small = ["deterministic.epochs=1", "deterministic.warmup_epochs=0", "mean_field.epochs=1", "mean_field.eval_samples=2",
+             "fine_tune.eval_samples=2", "data.batch_size=10", "data.eval_batch_size=10", "sharing.grad_batches=1",
+             "sharing.num_components=8", "sharing.gmm_max_epochs=2", "predict.num_samples=2"]
+    code = main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--no-progress",
+                 *[x for item in small for x in ("--set", item)]])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("settings: configs/cifar10_resnet20.yaml")
+    (run,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["model"], metrics["method"]) == ("resnet20", "2dgbnn")
+    assert list(metrics["stages"]) == ["deterministic", "mean_field", "sharing", "fine_tune"]
+    assert metrics["stages"]["fine_tune"]["epochs"] == 1 and metrics["n_gaussians"] >= 1

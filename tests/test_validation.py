@@ -10,6 +10,7 @@ from pyro_gbnn.config import DEFAULTS, apply_overrides, load_config
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.fit import main
 from pyro_gbnn.validation import validate_config
+from tests.test_fit import TINY
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -19,26 +20,57 @@ def test_every_shipped_config_is_valid(path):
     validate_config(load_config(path))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("ssvi.density=0", "ssvi.density must be a number in (0, 1], got 0"),
-    ("ssvi.replacement_rate=1.5", "ssvi.replacement_rate must be a number in [0, 1], got 1.5"),
-    ("spike_slab.prior_inclusion=1.0", "spike_slab.prior_inclusion must be a number in (0, 1), got 1.0"),
-    ("deterministic.epochs=1.5", "deterministic.epochs must be an integer >= 0, got 1.5"),
-    ("deterministic.milestones=30", "deterministic.milestones must be a list of integers >= 1, got 30"),
-    ("mean_field=3", "config key 'mean_field' must be a mapping of settings"),
-    ("mean_field.lr=0", "mean_field.lr must be a number > 0, got 0"),
-    ("data.batch_size=0", "data.batch_size must be an integer >= 1, got 0"),
-    ("int8.scale_bits=[9]", "int8.scale_bits must be a non-empty list of integers in 1..8, got [9]"),
-    ("fine_tune.semantics=shared", "unknown fine_tune.semantics 'shared'; use one of tied, hierarchical, independent"),
-    ("bnn.estimator=lrt", "unknown bnn.estimator 'lrt'; use one of weight, local, flipout"),
-    ("mean_field.optimizer=rmsprop", "unknown mean_field.optimizer 'rmsprop'"),
-    ("predict.num_samples=0", "predict.num_samples must be an integer >= 1, got 0"),
-    ("device=tpu9", "device 'tpu9' is not a torch device"),
-])
-def test_bad_settings_are_one_line_errors(override, message):
-    with pytest.raises(UsageError) as err:
-        validate_config(apply_overrides(DEFAULTS, [override]))
-    assert message in str(err.value) and "\n" not in str(err.value)
+# (method, override, message): malformed settings across every method, each one line and exit code 2
+MALFORMED = [
+    ("ssvi", "ssvi.density=0", "ssvi.density must be a number in (0, 1], got 0"),
+    ("ssvi", "ssvi.replacement_rate=1.5", "ssvi.replacement_rate must be a number in [0, 1], got 1.5"),
+    ("ssvi", "ssvi.removal=random", "unknown ssvi.removal 'random'; use one of"),
+    ("ssvi", "ssvi.update_every=0", "ssvi.update_every must be an integer >= 1, got 0"),
+    ("spike-slab", "spike_slab.prior_inclusion=1.0", "spike_slab.prior_inclusion must be a number in (0, 1), got 1.0"),
+    ("spike-slab", "spike_slab.prune_threshold=0", "spike_slab.prune_threshold must be a number in (0, 1), got 0"),
+    ("spike-slab", "bnn.guide.args={init_scale: 0.05}", "bnn.guide is not used by method spike-slab"),
+    ("deterministic", "deterministic.epochs=1.5", "deterministic.epochs must be an integer >= 0, got 1.5"),
+    ("deterministic", "deterministic.milestones=30", "deterministic.milestones must be a list of integers >= 1, got 30"),
+    ("mean-field", "mean_field=3", "config key 'mean_field' must be a mapping of settings"),
+    ("mean-field", "mean_field.lr=0", "mean_field.lr must be a number > 0, got 0"),
+    ("mean-field", "mean_field.optimizer=rmsprop", "unknown mean_field.optimizer 'rmsprop'"),
+    ("mean-field", "data.batch_size=0", "data.batch_size must be an integer >= 1, got 0"),
+    ("mean-field", "method_args.depth=3", "method 'mean-field' rejected args {'depth': 3}"),
+    ("int8", "int8.scale_bits=[9]", "int8.scale_bits must be a non-empty list of integers in 1..8, got [9]"),
+    ("int8", "int8.loc_bits=16", "int8.loc_bits must be an integer in 2..8, got 16"),
+    ("2dgbnn", "fine_tune.semantics=shared", "unknown fine_tune.semantics 'shared'; use one of tied, hierarchical, independent"),
+    ("2dgbnn", "fine_tune.kl_weighting=mean", "unknown fine_tune.kl_weighting 'mean'"),
+    ("2dgbnn", "sharing.num_components=0", "sharing.num_components must be an integer >= 1, got 0"),
+    ("2dgbnn", "sharing.mahalanobis_threshold=-1", "sharing.mahalanobis_threshold must be a number > 0, got -1"),
+    ("2dgbnn", "sharing.merge_rule=closest", "unknown sharing.merge_rule 'closest'"),
+    ("2dgbnn", "bnn.estimator=lrt", "unknown bnn.estimator 'lrt'; use one of weight, local, flipout"),
+    ("2dgbnn", "predict.num_samples=0", "predict.num_samples must be an integer >= 1, got 0"),
+    ("2dgbnn", "device=tpu9", "device 'tpu9' is not a torch device"),
+    ("bayes-by-backprop", "seed=0", "unknown method 'bayes-by-backprop'; use one of deterministic"),
+]
+
+
+@pytest.mark.parametrize("method, override, message", MALFORMED)
+def test_malformed_settings_are_one_line_errors_with_exit_code_2_before_any_data(tmp_path, capsys, method, override, message):
+    """The data folder does not exist: the setting is reported, not the data, and no run folder appears."""
+    code = main(["--dataset", "mnist", "--method", method, "--set", override, "--data-dir", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_malformed_settings_leave_an_existing_run_folder_as_it_was(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--config", str(CONFIGS[0].parent / "mnist_quick.yaml"), "--data-dir", str(fake_mnist), "--out", str(out), "--no-progress",
+                 *[x for item in TINY for x in ("--set", item)]]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for method, override, _ in MALFORMED:
+        for resume in ([], ["--resume"]):
+            code = main(["--dataset", "mnist", "--method", method, "--set", override, "--data-dir", str(fake_mnist),
+                         "--out", str(out), "--no-progress", *resume])
+            assert code == 2, (method, override, resume)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_integral_numbers_where_counts_are_meant_are_read_as_integers():
@@ -61,13 +93,3 @@ def test_a_guide_the_method_would_ignore_is_refused():
     validate_config(apply_overrides(DEFAULTS, ["method=mean-field", *custom]))  # mean-field uses it
     with pytest.raises(UsageError, match="method 2dgbnn starts from a mean-field posterior"):
         validate_config(apply_overrides(DEFAULTS, ["method=2dgbnn", "bnn.guide={class: tests.test_extension_api.NoDistribution}"]))
-
-
-def test_the_command_line_checks_settings_before_reading_any_data(tmp_path, capsys):
-    """The data folder does not exist: the setting is reported, not the data."""
-    code = main(["--dataset", "mnist", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "r"),
-                 "--method", "ssvi", "--set", "ssvi.density=0", "--no-progress"])
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: ssvi.density must be a number in (0, 1], got 0"]
-    assert not (tmp_path / "r").exists()
