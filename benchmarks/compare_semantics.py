@@ -17,35 +17,17 @@ semantics, the rows of stages 2 and 3.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
-from pyro_gbnn.checkpoint import load_checkpoint, save_checkpoint
+from pyro_gbnn.checkpoint import load_checkpoint
 from pyro_gbnn.guides.shared_mixture import SEMANTICS
-from pyro_gbnn.pipeline import run_fit
+from pyro_gbnn.pipeline import branch_run, run_fit
 
 ROW_KEYS = (
     "accuracy", "nll", "ece", "n_params_trainable", "n_params_paper", "size_bytes", "size_bytes_index",
     "n_outliers", "n_ellipses", "n_gaussians", "wall_time_s",
 )
-
-
-def branch_after_stage1(base: dict, semantics: str, out: Path) -> None:
-    """A run folder whose checkpoint holds ``base`` cut back to the end of stage 1."""
-    state = copy.deepcopy(base)
-    for stage in ("sharing", "fine_tune"):
-        state["results"].pop(stage, None)
-        state["outputs"].pop(stage, None)
-        state["stage_time"].pop(stage, None)
-    for stage in ("sharing", "fine_tune"):
-        state.get("stage_rng", {}).pop(stage, None)
-    state["config"]["fine_tune"]["semantics"] = semantics
-    state["stage"], state["epoch"], state["states"] = "mean_field", state["config"]["mean_field"]["epochs"], {}
-    if "mean_field" in state.get("stage_rng", {}):
-        state["rng"] = state["stage_rng"]["mean_field"]
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "checkpoint.pt", state)
 
 
 def row(result: dict) -> dict:
@@ -66,9 +48,7 @@ def main() -> None:
     report = {"base": str(args.base), "stage1": row(base["results"]["mean_field"]), "semantics": {}}
     for semantics in args.semantics:
         out = args.out / semantics
-        if not (out / "checkpoint.pt").exists():
-            branch_after_stage1(base, semantics, out)
-        config = load_checkpoint(out / "checkpoint.pt")["config"]
+        config = branch_run(args.base, out, "mean_field", [f"fine_tune.semantics={semantics}"])
         metrics = run_fit(config, out, resume=True, progress=False, data_dir=args.data_dir)
         report["semantics"][semantics] = {stage: row(metrics["stages"][stage]) for stage in ("sharing", "fine_tune")}
         print(json.dumps({semantics: report["semantics"][semantics]}), flush=True)

@@ -48,7 +48,7 @@ from pyro_gbnn.validation import validate_config
 
 __all__ = [
     "FINAL_KEYS", "FitRun", "run_fit", "open_run", "model_after_stage", "load_run_model", "count_trainable",
-    "build_bnn", "train_variational", "timed_epochs", "restore_training", "load_guide_state",
+    "build_bnn", "train_variational", "timed_epochs", "restore_training", "load_guide_state", "branch_run",
 ]
 
 FINAL_KEYS = (
@@ -316,6 +316,40 @@ def load_run_model(
     :func:`open_run` then :func:`model_after_stage`."""
     run = open_run(out_dir, data_dir)
     return (run, *model_after_stage(run, stage))
+
+
+def branch_run(base_dir: str | Path, out_dir: str | Path, after_stage: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A new run folder that starts where the run in ``base_dir`` stood when ``after_stage``
+    finished (its results, outputs and the random state of that moment), with ``overrides``
+    (``key=value``, e.g. ``method=int8`` or ``sharing.blend=false``) applied to its config;
+    ``run_fit(config, out_dir, resume=True)`` then runs only the stages after it, so
+    variants of a method's later stages share one trained stage 0 or stage 1. The new
+    method's stages must begin with the base run's stages up to ``after_stage``. An
+    existing branch is left as it is (resume it). Returns the branch's config."""
+    out = Path(out_dir)
+    if (out / "checkpoint.pt").exists():
+        return load_checkpoint(out / "checkpoint.pt")["config"]
+    from pyro_gbnn.config import apply_overrides
+
+    state = load_checkpoint(Path(base_dir) / "checkpoint.pt")
+    base_stages = _method(state["config"]).stages
+    if after_stage not in state["results"] or after_stage not in base_stages:
+        raise UsageError(f"the run in {str(base_dir)!r} has not finished stage {after_stage!r}; finish it before branching")
+    kept = base_stages[: base_stages.index(after_stage) + 1]
+    config = apply_overrides(state["config"], list(overrides))
+    validate_config(config)
+    stages = _method(config).stages
+    if stages[: len(kept)] != kept:
+        raise UsageError(f"method {config['method']!r} runs stages {stages}, which do not begin with {kept}; branch after a stage they share")
+    for key in ("results", "outputs", "stage_time", "stage_rng"):
+        state[key] = {stage: value for stage, value in state.get(key, {}).items() if stage in kept}
+    if after_stage in state["stage_rng"]:
+        state["rng"] = state["stage_rng"][after_stage]  # as if the base run went on from there
+    state.update(config=config, stage=after_stage, epoch=state["results"][after_stage].get("epochs", 0), states={})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "config.yaml", lambda h: h.write(dump_config(config).encode()))
+    save_checkpoint(out / "checkpoint.pt", state)
+    return config
 
 
 def _load_data(config: dict) -> DataSplits:

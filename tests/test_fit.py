@@ -449,3 +449,18 @@ def test_dataset_cifar10_as_typed_finishes_on_a_tiny_fake_cifar_folder(tmp_path,
     assert (metrics["model"], metrics["method"]) == ("resnet20", "2dgbnn")
     assert list(metrics["stages"]) == ["deterministic", "mean_field", "sharing", "fine_tune"]
     assert metrics["stages"]["fine_tune"]["epochs"] == 1 and metrics["n_gaussians"] >= 1
+
+
+def test_branch_run_continues_a_finished_stage_under_another_method_and_refuses_what_does_not_fit(fake_mnist, tmp_path):
+    from pyro_gbnn.errors import UsageError
+
+    base = pipeline.run_fit(tiny_config(fake_mnist), tmp_path / "base")
+    config = pipeline.branch_run(tmp_path / "base", tmp_path / "int8", "mean_field", ["method=int8", "int8.scale_bits=[8]"])
+    branched = pipeline.run_fit(config, tmp_path / "int8", resume=True)
+    assert list(branched["stages"]) == ["deterministic", "mean_field", "quantize"]
+    assert branched["stages"]["mean_field"] == base["stages"]["mean_field"]  # stage 1 reused, not retrained
+    with pytest.raises(UsageError, match=r"method 'spike-slab' runs stages \('deterministic', 'spike_slab', 'prune'\), which do not begin with"):
+        pipeline.branch_run(tmp_path / "base", tmp_path / "b", "mean_field", ["method=spike-slab"])
+    with pytest.raises(UsageError, match="has not finished stage 'fine_tune'"):
+        pipeline.branch_run(tmp_path / "base", tmp_path / "c", "fine_tune", [])
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -1,0 +1,232 @@
+"""Reproduce the 2DGBNN paper's tables at a CPU budget, side by side; one command per table.
+
+    python benchmarks/reproduce.py cifar10   --data-dir ../shared/data --out runs/reproduce
+    python benchmarks/reproduce.py ablations --data-dir ../shared/data --out runs/reproduce
+    python benchmarks/reproduce.py shift     --data-dir ../shared/data --out runs/reproduce
+    python benchmarks/reproduce.py mnist     --data-dir ../shared/data --out runs/reproduce
+
+Budget (the same for every row): ``configs/cifar10_resnet20_budget.yaml``, 4 epochs of
+stage 0, 2 epochs of Bayesian training after it (stage 1, spike-and-slab), 1 epoch of
+2DGBNN fine-tuning; SSVI, which has no stage 0, trains 6 epochs from scratch. Every row
+samples weights with the budget config's estimator (``weight``). The CIFAR-10 rows share
+one stage-0 network and one stage-1 posterior (``pipeline.branch_run``), the ablations
+branch off that stage-1 posterior, and ``shift`` scores the CIFAR-10 models on corrupted
+CIFAR-10 test images and on MNIST digits. Every run is an ordinary run folder under
+``--out``: kill the script and start it again, and it resumes where it stopped.
+Each table is written to ``--results`` (default ``benchmarks/results/reproduce-<table>.json``)
+with the command, the machine and the wall time of every stage. ``--set key=value``
+applies to every run (the test suite shrinks the budget with it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pyro_gbnn.config import apply_overrides, load_config  # noqa: E402
+from pyro_gbnn.data import ImageTensorDataset, load_dataset, make_loader  # noqa: E402
+from pyro_gbnn.metrics import classification_metrics, ood_metrics  # noqa: E402
+from pyro_gbnn.pipeline import branch_run, load_run_model, run_fit  # noqa: E402
+from pyro_gbnn.predict import predict  # noqa: E402
+from pyro_gbnn.shift import CORRUPTIONS, corrupt, mnist_as_cifar  # noqa: E402
+
+BUDGET = ROOT / "configs" / "cifar10_resnet20_budget.yaml"
+MNIST_BUDGET = ROOT / "configs" / "mnist_quick_2dgbnn.yaml"
+
+# Method settings at the budget: each method's shipped CIFAR-10 config (configs/cifar10_resnet20_<method>.yaml)
+# with its epochs cut to the budget.
+INT8 = ["method=int8"]
+SPIKE_SLAB = ["method=spike-slab", "spike_slab.epochs=2", "spike_slab.lr=0.0001", "spike_slab.lr_scale=0.01",
+              "spike_slab.schedule=cosine", "spike_slab.eval_samples=4", "spike_slab.prior_inclusion=0.1", "prune.epochs=0"]
+SSVI = ["method=ssvi", "ssvi.epochs=6", "ssvi.optimizer=sgd", "ssvi.lr=0.01", "ssvi.lr_scale=0.01", "ssvi.momentum=0.9",
+        "ssvi.weight_decay=0.0005", "ssvi.schedule=cosine", "ssvi.eval_samples=4", "ssvi.kl_warmup_epochs=3",
+        "ssvi.kl_scale=0.01", "ssvi.density=0.1"]
+
+# (row, run folder under <out>/cifar10, stage whose results the row shows)
+CIFAR_ROWS = [
+    ("deterministic", "2dgbnn", "deterministic"),
+    ("mean-field", "2dgbnn", "mean_field"),
+    ("2dgbnn", "2dgbnn", "fine_tune"),
+    ("int8", "int8", "quantize"),
+    ("spike-slab", "spike-slab", "prune"),
+    ("ssvi", "ssvi", "ssvi"),
+]
+
+# Stage 2 and 3 variants on the CIFAR-10 stage-1 posterior; the base run is each table's reference row.
+ABLATIONS = {
+    "table5_outliers_ellipses": {
+        "no outliers": ["sharing.tau_w=null", "sharing.top_grad_fraction=null"],
+        "no ellipses": ["sharing.blend=false"],
+        "neither": ["sharing.tau_w=null", "sharing.top_grad_fraction=null", "sharing.blend=false"],
+    },
+    "table10_merging": {"no merging": ["sharing.merge=false"]},
+    "table8_tau_w": {f"tau_w={tau}": [f"sharing.tau_w={tau}"] for tau in (0.1, 0.4, 0.6)},
+    "semantics": {name: [f"fine_tune.semantics={name}"] for name in ("hierarchical", "independent")},
+}
+BASE_LABEL = {"table5_outliers_ellipses": "full", "table10_merging": "merging", "table8_tau_w": "tau_w=0.2", "semantics": "tied"}
+
+ROW_KEYS = ("accuracy", "nll", "ece", "brier", "n_params_trainable", "n_params_paper", "size_bytes", "size_bytes_index",
+            "n_outliers", "n_ellipses", "n_gaussians", "sparsity", "density", "epochs", "wall_time_s")
+SEVERITIES = (1, 3, 5)
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def fit(config: dict, out: Path, data_dir: str) -> dict:
+    """Run or resume ``config`` in ``out``; a finished run only re-reads its results."""
+    if (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text())
+    print(f"-- {out}", flush=True)
+    return run_fit(config, out, resume=(out / "checkpoint.pt").exists(), progress=False, data_dir=data_dir)
+
+
+def fresh_config(file: Path, overrides: list[str], args: argparse.Namespace) -> dict:
+    return apply_overrides(load_config(file), [f"data.dir={args.data_dir}", *overrides, *args.set])
+
+
+def branch(base: Path, out: Path, after: str, overrides: list[str], args: argparse.Namespace) -> dict:
+    return fit(branch_run(base, out, after, [*overrides, *args.set]), out, args.data_dir)
+
+
+def row(metrics: dict, stage: str) -> dict:
+    result = metrics["stages"][stage]
+    stages = list(metrics["stages"])
+    return {
+        **{key: result[key] for key in ROW_KEYS if key in result},
+        "total_wall_time_s": round(sum(metrics["stages"][s]["wall_time_s"] for s in stages[: stages.index(stage) + 1]), 1),
+    }
+
+
+def cifar10_runs(args: argparse.Namespace) -> dict[str, dict]:
+    """The four CIFAR-10 run folders: 2DGBNN (rows deterministic, mean-field, 2DGBNN), and
+    INT8, spike-and-slab, SSVI."""
+    folder = args.out / "cifar10"
+    runs = {"2dgbnn": fit(fresh_config(BUDGET, [], args), folder / "2dgbnn", args.data_dir)}
+    runs["int8"] = branch(folder / "2dgbnn", folder / "int8", "mean_field", INT8, args)
+    runs["spike-slab"] = branch(folder / "2dgbnn", folder / "spike-slab", "deterministic", SPIKE_SLAB, args)
+    runs["ssvi"] = fit(fresh_config(BUDGET, SSVI, args), folder / "ssvi", args.data_dir)
+    return runs
+
+
+def table_cifar10(args: argparse.Namespace) -> dict:
+    runs = cifar10_runs(args)
+    rows = {name: row(runs[run], stage) for name, run, stage in CIFAR_ROWS}
+    mf, gbnn = rows["mean-field"], rows["2dgbnn"]
+    checks = {
+        "accuracy_gap_points": round(100 * (mf["accuracy"] - gbnn["accuracy"]), 2),
+        "params_ratio": round(mf["n_params_trainable"] / gbnn["n_params_trainable"], 1),
+        "ece_minus_mean_field": round(gbnn["ece"] - mf["ece"], 4),
+        "size_bytes_ratio": round(mf["size_bytes"] / gbnn["size_bytes"], 2),
+    }
+    return {"rows": rows, "int8_by_scale_bits": runs["int8"]["stages"]["quantize"].get("by_scale_bits"), "checks_2dgbnn_vs_mean_field": checks}
+
+
+def table_ablations(args: argparse.Namespace) -> dict:
+    base_dir = args.out / "cifar10" / "2dgbnn"
+    base = cifar10_runs(args)["2dgbnn"] if not (base_dir / "metrics.json").exists() else json.loads((base_dir / "metrics.json").read_text())
+    tables = {}
+    for table, variants in ABLATIONS.items():
+        rows = {BASE_LABEL[table]: {"sharing": row(base, "sharing"), "fine_tune": row(base, "fine_tune")}}
+        for label, overrides in variants.items():
+            out = args.out / "ablations" / f"{table}-{label.replace(' ', '_').replace('=', '')}"
+            metrics = branch(base_dir, out, "mean_field", overrides, args)
+            rows[label] = {"sharing": row(metrics, "sharing"), "fine_tune": row(metrics, "fine_tune")}
+        tables[table] = rows
+    return tables
+
+
+def _scored(bnn, guide, dataset, args: argparse.Namespace, samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loader = make_loader(dataset, args.eval_batch_size, shuffle=False)
+    prediction = predict(bnn, guide, loader, num_samples=samples, keep_samples=True)
+    return prediction.probs, prediction.labels, prediction.sample_probs
+
+
+def table_shift(args: argparse.Namespace) -> dict:
+    runs = cifar10_runs(args)
+    cifar = load_dataset("cifar10", args.data_dir, augment=False)
+    mnist = load_dataset("mnist", args.data_dir, augment=False)
+    order = torch.randperm(len(cifar.test), generator=torch.Generator().manual_seed(0))[: args.shift_examples]
+    clean = torch.stack([cifar.test.load(int(i))[0] for i in order])
+    labels = torch.as_tensor([cifar.test.load(int(i))[1] for i in order])
+    picked = torch.randperm(len(mnist.test), generator=torch.Generator().manual_seed(0))[: args.shift_examples]
+    digits = torch.stack([mnist.test.load(int(i))[0] for i in picked])
+    transform = cifar.test.transform
+    sets = {"clean": clean} | {f"{name}/{s}": corrupt(clean, name, s, seed=s) for name in CORRUPTIONS for s in SEVERITIES}
+    ood = ImageTensorDataset(mnist_as_cifar(digits), torch.zeros(len(digits), dtype=torch.int64), transform)
+    report = {"examples": len(clean), "ood_examples": len(digits), "models": {}}
+    for name, run, stage in CIFAR_ROWS:
+        started = time.perf_counter()
+        _, bnn, guide = load_run_model(args.out / "cifar10" / run, args.data_dir, stage)
+        samples = 1 if guide is None else args.samples
+        scores, clean_probs = {}, None
+        for key, images in sets.items():
+            probs, y, sample_probs = _scored(bnn, guide, ImageTensorDataset(images, labels, transform), args, samples)
+            scores[key] = classification_metrics(probs, y)
+            if key == "clean":
+                clean_probs, clean_samples = probs, sample_probs
+        probs_out, _, samples_out = _scored(bnn, guide, ood, args, samples)
+        ood_scores = ood_metrics(clean_probs, probs_out, clean_samples, samples_out) if guide is not None else ood_metrics(clean_probs, probs_out)
+        by_severity = {
+            str(s): {m: sum(scores[f"{c}/{s}"][m] for c in CORRUPTIONS) / len(CORRUPTIONS) for m in ("accuracy", "nll", "ece")}
+            for s in SEVERITIES
+        }
+        report["models"][name] = {"clean": scores["clean"], "corrupted_mean_by_severity": by_severity, "corrupted": scores,
+                                  "ood_mnist": ood_scores, "wall_time_s": round(time.perf_counter() - started, 1)}
+        print(json.dumps({name: {"clean": scores["clean"]["accuracy"], "severity5": by_severity["5"]["accuracy"], "ood": ood_scores}}), flush=True)
+    return report
+
+
+def table_mnist(args: argparse.Namespace) -> dict:
+    tables = {}
+    for model in ("lenet", "resnet20"):
+        metrics = fit(fresh_config(MNIST_BUDGET, [f"model={model}", "bnn.estimator=weight"], args), args.out / "mnist" / model, args.data_dir)
+        tables[model] = {"deterministic": row(metrics, "deterministic"), "mean-field": row(metrics, "mean_field"), "2dgbnn": row(metrics, "fine_tune")}
+    return tables
+
+
+TABLES = {"cifar10": table_cifar10, "ablations": table_ablations, "shift": table_shift, "mnist": table_mnist}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("table", choices=TABLES)
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="run folders (resumed when present)")
+    parser.add_argument("--results", type=Path, help="JSON file to write (default benchmarks/results/reproduce-<table>.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
+    parser.add_argument("--shift-examples", type=int, default=2000, help="CIFAR-10 test images (and MNIST digits) scored under shift")
+    parser.add_argument("--samples", type=int, default=10, help="posterior samples per prediction in the shift table")
+    parser.add_argument("--eval-batch-size", type=int, default=500)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    result = TABLES[args.table](args)
+    report = {
+        "table": args.table,
+        "command": "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "budget": str(BUDGET.relative_to(ROOT)) if args.table != "mnist" else str(MNIST_BUDGET.relative_to(ROOT)),
+        "overrides": args.set,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "result": result,
+    }
+    path = args.results or ROOT / "benchmarks" / "results" / f"reproduce-{args.table}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""benchmarks/reproduce.py end to end on a tiny budget (fake CIFAR-10 and MNIST), so the script cannot rot."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.test_data import write_cifar10_jpeg
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+TINY_BUDGET = [
+    "deterministic.epochs=1", "deterministic.warmup_epochs=0", "mean_field.epochs=1", "mean_field.eval_samples=1",
+    "fine_tune.eval_samples=1", "spike_slab.epochs=1", "spike_slab.eval_samples=1", "ssvi.epochs=1",
+    "ssvi.eval_samples=1", "ssvi.kl_warmup_epochs=0", "data.batch_size=16", "data.eval_batch_size=32",
+    "data.train_subset=32", "sharing.grad_batches=1", "sharing.num_components=8", "sharing.gmm_max_epochs=2",
+    "sharing.min_cluster_size=5", "predict.num_samples=2", "int8.scale_bits=[8, 4]",
+]
+
+
+@pytest.mark.slow
+def test_every_table_of_the_reproduction_runs_on_a_tiny_budget(fake_mnist, tmp_path):
+    write_cifar10_jpeg(fake_mnist, per_class=2)
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    common = ["--data-dir", str(fake_mnist), "--out", str(tmp_path / "runs"), "--shift-examples", "12", "--samples", "2",
+              *[x for item in TINY_BUDGET for x in ("--set", item)]]
+    results = {}
+    for table in ("cifar10", "ablations", "shift", "mnist"):
+        reproduce.main([table, *common, "--results", str(tmp_path / f"{table}.json")])
+        results[table] = json.loads((tmp_path / f"{table}.json").read_text())
+        assert results[table]["command"].startswith(f"python benchmarks/reproduce.py {table}")
+
+    rows = results["cifar10"]["result"]["rows"]
+    assert list(rows) == ["deterministic", "mean-field", "2dgbnn", "int8", "spike-slab", "ssvi"]
+    assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r["nll"]) for r in rows.values())
+    assert rows["2dgbnn"]["n_params_trainable"] < rows["mean-field"]["n_params_trainable"]
+
+    ablations = results["ablations"]["result"]
+    assert ablations["table5_outliers_ellipses"]["no outliers"]["sharing"]["n_outliers"] == 0
+    assert ablations["table5_outliers_ellipses"]["no ellipses"]["sharing"]["n_ellipses"] == 0
+    assert set(ablations["table8_tau_w"]) == {"tau_w=0.2", "tau_w=0.1", "tau_w=0.4", "tau_w=0.6"}
+    assert set(ablations["semantics"]) == {"tied", "hierarchical", "independent"}
+    tau = {label: r["sharing"]["n_outliers"] for label, r in ablations["table8_tau_w"].items()}
+    assert tau["tau_w=0.1"] >= tau["tau_w=0.2"] >= tau["tau_w=0.4"] >= tau["tau_w=0.6"]  # a higher threshold keeps fewer
+
+    shift = results["shift"]["result"]["models"]
+    assert set(shift) == set(rows)
+    for name, model in shift.items():
+        assert set(model["corrupted_mean_by_severity"]) == {"1", "3", "5"}
+        assert 0 <= model["ood_mnist"]["entropy_auroc"] <= 1
+        assert ("mi_auroc" in model["ood_mnist"]) == (name != "deterministic")
+
+    mnist = results["mnist"]["result"]
+    assert set(mnist) == {"lenet", "resnet20"} and all(set(t) == {"deterministic", "mean-field", "2dgbnn"} for t in mnist.values())
