@@ -196,20 +196,155 @@ def table_mnist(args: argparse.Namespace) -> dict:
     return tables
 
 
+# The paper's numbers beside ours (accuracy %, NLL, ECE); None: the paper has no such row.
+PAPER = {
+    "cifar10": {  # ResNet-20: Table 9 (deterministic), Table 5 (2DGBNN)
+        "deterministic": (91.84, 0.246, 0.031), "mean-field": None, "2dgbnn": (90.92, 0.265, 0.040),
+        "int8": None, "spike-slab": None, "ssvi": None,  # INT8: see int8_sigma (its rows by bits of the std)
+    },
+    "int8_sigma": {  # Table 4: INT8 of Subedar et al. (vanilla-trained BNN), SIGMA4/2/1 taken as 4/2/1-bit stds
+       "4": (90.92, 0.266, 1.778), "2": (90.85, 0.273, 2.547), "1": (90.96, 0.266, 0.711)},
+    "table5_outliers_ellipses": {"full": (90.92, 0.265, 0.040), "no ellipses": (90.43, 0.304, 0.043),
+                                 "no outliers": (90.18, 0.308, 0.026), "neither": (90.01, 0.318, 0.029)},
+    "table10_merging": {"merging": (91.02, 0.3066, 0.0374), "no merging": (88.77, 0.3792, 0.0500)},
+    "table8_tau_w": {"tau_w=0.1": (91.14, 0.376, 0.0197), "tau_w=0.2": (91.04, 0.303, 0.037),
+                     "tau_w=0.4": (90.53, 0.396, 0.0279), "tau_w=0.6": (89.78, 0.322, 0.038)},
+    "semantics": {},
+    "mnist_resnet20_2dgbnn": (99.52, 0.013, 0.001),  # Table 4, without pre-training
+}
+
+
+def _paper(cells: tuple | None) -> str:
+    return " | ".join(f"{v:g}" for v in cells) if cells else "- | - | -"
+
+
+def _metrics(r: dict) -> str:
+    return f"{100 * r['accuracy']:.2f} | {r['nll']:.3f} | {r['ece']:.3f}"
+
+
+def _count(r: dict, key: str) -> str:
+    return f"{r[key]:,}" if key in r else "-"
+
+
+def render_cifar10(report: dict) -> str:
+    rows = report["result"]["rows"]
+    lines = ["| method | acc % | NLL | ECE | paper acc % | paper NLL | paper ECE | params trained | size bytes (index) | time s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in rows.items():
+        index = f" ({r['size_bytes_index']:,})" if "size_bytes_index" in r else ""
+        lines.append(f"| {name} | {_metrics(r)} | {_paper(PAPER['cifar10'][name])} | {r['n_params_trainable']:,} | "
+                     f"{r['size_bytes']:,}{index} | {r['total_wall_time_s']:.0f} |")
+    for bits, r in (report["result"].get("int8_by_scale_bits") or {}).items():
+        lines.append(f"| int8, {bits}-bit std | {_metrics(r)} | {_paper(PAPER['int8_sigma'].get(bits))} | - | {r['size_bytes']:,} | - |")
+    return "\n".join(lines)
+
+
+def render_ablations(report: dict) -> str:
+    parts = []
+    for table, rows in report["result"].items():
+        lines = [f"**{table}**", "", "| variant | acc % | NLL | ECE | paper acc % | paper NLL | paper ECE | outliers | ellipses | Gaussians | params trained | size bytes |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for label, stages in rows.items():
+            r = stages["fine_tune"]
+            lines.append(f"| {label} | {_metrics(r)} | {_paper(PAPER[table].get(label))} | {_count(r, 'n_outliers')} | "
+                         f"{_count(r, 'n_ellipses')} | {_count(r, 'n_gaussians')} | {r['n_params_trainable']:,} | {r['size_bytes']:,} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def render_shift(report: dict) -> str:
+    models = report["result"]["models"]
+    lines = ["| model | clean acc % | clean ECE | acc % sev 1 / 3 / 5 | ECE sev 1 / 3 / 5 | NLL sev 5 | AUROC entropy / MI | AUPR entropy / MI | FPR95 entropy / MI |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, m in models.items():
+        sev, ood = m["corrupted_mean_by_severity"], m["ood_mnist"]
+        pair = lambda key: f"{ood[f'entropy_{key}']:.3f} / " + (f"{ood[f'mi_{key}']:.3f}" if f"mi_{key}" in ood else "-")  # noqa: E731
+        lines.append(f"| {name} | {100 * m['clean']['accuracy']:.2f} | {m['clean']['ece']:.3f} | "
+                     + " / ".join(f"{100 * sev[s]['accuracy']:.1f}" for s in ("1", "3", "5")) + " | "
+                     + " / ".join(f"{sev[s]['ece']:.3f}" for s in ("1", "3", "5"))
+                     + f" | {sev['5']['nll']:.3f} | {pair('auroc')} | {pair('aupr')} | {pair('fpr95')} |")
+    return "\n".join(lines)
+
+
+def render_mnist(report: dict) -> str:
+    lines = ["| network | method | acc % | NLL | ECE | paper acc % | paper NLL | paper ECE | params trained | size bytes | time s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for model, rows in report["result"].items():
+        for name, r in rows.items():
+            paper = PAPER["mnist_resnet20_2dgbnn"] if (model, name) == ("resnet20", "2dgbnn") else None
+            lines.append(f"| {model} | {name} | {_metrics(r)} | {_paper(paper)} | {r['n_params_trainable']:,} | {r['size_bytes']:,} | {r['total_wall_time_s']:.0f} |")
+    return "\n".join(lines)
+
+
+RENDERERS = {"cifar10": render_cifar10, "ablations": render_ablations, "shift": render_shift, "mnist": render_mnist}
+
+
+def figures(reports: dict[str, dict], folder: Path) -> list[Path]:
+    """Accuracy against trained parameters (CIFAR-10 table) and accuracy under corruption by severity (shift table)."""
+    from matplotlib.figure import Figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "cifar10" in reports:
+        ax = Figure(figsize=(5, 3.5)).subplots()
+        for name, r in reports["cifar10"]["result"]["rows"].items():
+            ax.scatter(r["n_params_trainable"], 100 * r["accuracy"])
+            ax.annotate(name, (r["n_params_trainable"], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(xscale="log", xlabel="trained parameters", ylabel="test accuracy (%)", title="CIFAR-10 ResNet-20 at the budget")
+        written.append(folder / "cifar10_accuracy_vs_parameters.png")
+        ax.figure.tight_layout()
+        ax.figure.savefig(written[-1], dpi=120)
+    if "shift" in reports:
+        ax = Figure(figsize=(5, 3.5)).subplots()
+        for name, m in reports["shift"]["result"]["models"].items():
+            accuracy = [100 * m["clean"]["accuracy"]] + [100 * m["corrupted_mean_by_severity"][s]["accuracy"] for s in ("1", "3", "5")]
+            ax.plot([0, 1, 3, 5], accuracy, marker="o", label=name)
+        ax.set(xlabel="corruption severity (0: clean)", ylabel="accuracy (%)", title="CIFAR-10 under corruption (mean of 4)")
+        ax.legend(fontsize=7)
+        written.append(folder / "cifar10_shift_accuracy.png")
+        ax.figure.tight_layout()
+        ax.figure.savefig(written[-1], dpi=120)
+    return written
+
+
+def report_markdown(results: Path, document: Path, figure_folder: Path) -> None:
+    """Fill each ``<!-- table:NAME -->`` ... ``<!-- /table:NAME -->`` block of ``document`` from
+    ``results/reproduce-NAME.json`` (blocks whose JSON does not exist yet are left as they are),
+    and draw the figures."""
+    text = document.read_text()
+    reports = {}
+    for name, render in RENDERERS.items():
+        path = results / f"reproduce-{name}.json"
+        start, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+        if not path.exists() or start not in text:
+            continue
+        reports[name] = json.loads(path.read_text())
+        head, rest = text.split(start, 1)
+        text = head + start + "\n" + render(reports[name]) + "\n" + end + rest.split(end, 1)[1]
+    document.write_text(text)
+    for path in figures(reports, figure_folder):
+        print(f"wrote {path}")
+
+
 TABLES = {"cifar10": table_cifar10, "ablations": table_ablations, "shift": table_shift, "mnist": table_mnist}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("table", choices=TABLES)
+    parser.add_argument("table", choices=[*TABLES, "report"], help="a table to run, or report: fill docs/results.md and its figures from the JSON files")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="run folders (resumed when present)")
-    parser.add_argument("--results", type=Path, help="JSON file to write (default benchmarks/results/reproduce-<table>.json)")
+    parser.add_argument("--results", type=Path, help="JSON file to write (default benchmarks/results/reproduce-<table>.json); report: the folder holding them")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
     parser.add_argument("--shift-examples", type=int, default=2000, help="CIFAR-10 test images (and MNIST digits) scored under shift")
     parser.add_argument("--samples", type=int, default=10, help="posterior samples per prediction in the shift table")
     parser.add_argument("--eval-batch-size", type=int, default=500)
+    parser.add_argument("--document", type=Path, default=ROOT / "docs" / "results.md", help="report: the markdown file to fill")
     args = parser.parse_args(argv)
+    if args.table == "report":
+        results = args.results or ROOT / "benchmarks" / "results"
+        report_markdown(results, args.document, args.document.parent / "figures")
+        return
     started = time.perf_counter()
     result = TABLES[args.table](args)
     report = {

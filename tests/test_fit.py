@@ -431,8 +431,8 @@ def test_ctrl_c_ends_with_one_line_naming_the_resume_command(tmp_path, capsys, m
 
 
 def test_dataset_cifar10_as_typed_finishes_on_a_tiny_fake_cifar_folder(tmp_path, capsys, monkeypatch):
-    """The mission's command plus --data-dir, --epochs 1 and small settings: all four
-    2DGBNN stages of ResNet-20 from configs/cifar10_resnet20.yaml run to the end."""
+    """The mission's command plus --data-dir, --epochs 1, --cache-dir and small settings: all
+    four 2DGBNN stages of ResNet-20 from configs/cifar10_resnet20.yaml run to the end."""
     from tests.test_data import write_cifar10_jpeg
 
     write_cifar10_jpeg(tmp_path / "data", per_class=2)
@@ -441,7 +441,7 @@ def test_dataset_cifar10_as_typed_finishes_on_a_tiny_fake_cifar_folder(tmp_path,
              "fine_tune.eval_samples=2", "data.batch_size=10", "data.eval_batch_size=10", "sharing.grad_batches=1",
              "sharing.num_components=8", "sharing.gmm_max_epochs=2", "predict.num_samples=2"]
     code = main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--no-progress",
-                 *[x for item in small for x in ("--set", item)]])
+                 "--cache-dir", str(tmp_path / "decoded"), *[x for item in small for x in ("--set", item)]])
     out = capsys.readouterr().out
     assert code == 0 and out.startswith("settings: configs/cifar10_resnet20.yaml")
     (run,) = (tmp_path / "runs").iterdir()
@@ -449,6 +449,8 @@ def test_dataset_cifar10_as_typed_finishes_on_a_tiny_fake_cifar_folder(tmp_path,
     assert (metrics["model"], metrics["method"]) == ("resnet20", "2dgbnn")
     assert list(metrics["stages"]) == ["deterministic", "mean_field", "sharing", "fine_tune"]
     assert metrics["stages"]["fine_tune"]["epochs"] == 1 and metrics["n_gaussians"] >= 1
+    assert len(list((tmp_path / "decoded").glob("cifar10-jpeg-*.pt"))) == 2  # --cache-dir holds the decoded images
+    assert not (tmp_path / "data" / ".pyro_gbnn_cache").exists()
 
 
 def test_branch_run_continues_a_finished_stage_under_another_method_and_refuses_what_does_not_fit(fake_mnist, tmp_path):
