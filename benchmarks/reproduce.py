@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from pyro_gbnn.config import apply_overrides, load_config  # noqa: E402
 from pyro_gbnn.data import ImageTensorDataset, load_dataset, make_loader  # noqa: E402
-from pyro_gbnn.metrics import classification_metrics, ood_metrics  # noqa: E402
+from pyro_gbnn.metrics import calibration_bins, classification_metrics, ood_metrics  # noqa: E402
 from pyro_gbnn.pipeline import branch_run, load_run_model, run_fit  # noqa: E402
 from pyro_gbnn.predict import predict  # noqa: E402
 from pyro_gbnn.shift import CORRUPTIONS, corrupt, mnist_as_cifar  # noqa: E402
@@ -182,8 +182,10 @@ def table_shift(args: argparse.Namespace) -> dict:
             str(s): {m: sum(scores[f"{c}/{s}"][m] for c in CORRUPTIONS) / len(CORRUPTIONS) for m in ("accuracy", "nll", "ece")}
             for s in SEVERITIES
         }
+        bins = dict(zip(("count", "confidence_sum", "correct_sum"), (b.tolist() for b in calibration_bins(clean_probs, labels))))
         report["models"][name] = {"clean": scores["clean"], "corrupted_mean_by_severity": by_severity, "corrupted": scores,
-                                  "ood_mnist": ood_scores, "wall_time_s": round(time.perf_counter() - started, 1)}
+                                  "ood_mnist": ood_scores, "clean_calibration_bins": bins,
+                                  "wall_time_s": round(time.perf_counter() - started, 1)}
         print(json.dumps({name: {"clean": scores["clean"]["accuracy"], "severity5": by_severity["5"]["accuracy"], "ood": ood_scores}}), flush=True)
     return report
 
@@ -304,6 +306,26 @@ def figures(reports: dict[str, dict], folder: Path) -> list[Path]:
         written.append(folder / "cifar10_shift_accuracy.png")
         ax.figure.tight_layout()
         ax.figure.savefig(written[-1], dpi=120)
+        models = reports["shift"]["result"]["models"]
+        columns = (len(models) + 1) // 2
+        fig = Figure(figsize=(2.8 * columns, 5.6))
+        axes = fig.subplots(2, columns, sharex=True, sharey=True).reshape(-1)
+        for ax, (name, m) in zip(axes, models.items()):
+            bins = {k: torch.tensor(v) for k, v in m.get("clean_calibration_bins", {}).items()}
+            if not bins:
+                continue
+            n_bins, filled = len(bins["count"]), bins["count"] > 0
+            left = torch.arange(n_bins)[filled] / n_bins
+            ax.bar(left, (bins["correct_sum"] / bins["count"].clamp(min=1))[filled], width=1 / n_bins, align="edge", edgecolor="black")
+            ax.plot([0, 1], [0, 1], "--", color="gray")
+            ax.set(xlim=(0, 1), ylim=(0, 1), title=f"{name}: ECE {m['clean']['ece']:.3f}")
+        for ax in axes[columns:]:
+            ax.set_xlabel("confidence")
+        for ax in axes[::columns]:
+            ax.set_ylabel("accuracy")
+        written.append(folder / "cifar10_reliability.png")
+        fig.tight_layout()
+        fig.savefig(written[-1], dpi=110)
     return written
 
 

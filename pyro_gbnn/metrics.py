@@ -30,6 +30,7 @@ __all__ = [
     "fpr_at_tpr",
     "classification_metrics",
     "ood_metrics",
+    "calibration_bins",
     "reliability_diagram",
 ]
 
@@ -91,8 +92,9 @@ def negative_log_likelihood(probs: Tensor, labels: Tensor, eps: float = 1e-12) -
     return -p_true.clamp_min(eps).log().mean().item()
 
 
-def _calibration_bins(probs: Tensor, labels: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-bin (count, summed confidence, summed correctness), each [n_bins] float64.
+def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-bin (count, summed confidence, summed correctness), each [n_bins] float64: what
+    ECE and a reliability diagram are made of (sums, so bins of several sets add up).
 
     Bins are equal-width over (0, 1], right-closed: bin b holds top-1 confidences in
     (b / n_bins, (b + 1) / n_bins].
@@ -117,7 +119,7 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) 
     """
     _check_labels(probs, labels)
     _check_n_bins(n_bins)
-    _, conf_sum, correct_sum = _calibration_bins(probs, labels, n_bins)
+    _, conf_sum, correct_sum = calibration_bins(probs, labels, n_bins)
     return ((conf_sum - correct_sum).abs().sum() / probs.shape[0]).item()
 
 
@@ -266,7 +268,7 @@ def reliability_diagram(probs: Tensor, labels: Tensor, n_bins: int = 15, ax: Axe
     """
     _check_labels(probs, labels)
     _check_n_bins(n_bins)
-    count, conf_sum, correct_sum = _calibration_bins(probs, labels, n_bins)
+    count, conf_sum, correct_sum = calibration_bins(probs, labels, n_bins)
     ece = ((conf_sum - correct_sum).abs().sum() / probs.shape[0]).item()
     bin_accuracy = (correct_sum / count.clamp_min(1)).cpu().numpy()
     left_edges = torch.arange(n_bins, dtype=torch.float64).numpy() / n_bins

@@ -52,6 +52,7 @@ def test_every_table_of_the_reproduction_runs_on_a_tiny_budget(fake_mnist, tmp_p
         assert set(model["corrupted_mean_by_severity"]) == {"1", "3", "5"}
         assert 0 <= model["ood_mnist"]["entropy_auroc"] <= 1
         assert ("mi_auroc" in model["ood_mnist"]) == (name != "deterministic")
+        assert sum(model["clean_calibration_bins"]["count"]) == results["shift"]["result"]["examples"]
 
     document = tmp_path / "results.md"
     document.write_text("".join(f"## {t}\n<!-- table:{t} -->\nstale\n<!-- /table:{t} -->\n" for t in results))
@@ -63,7 +64,8 @@ def test_every_table_of_the_reproduction_runs_on_a_tiny_budget(fake_mnist, tmp_p
     text = document.read_text()
     assert "stale" not in text and text.count("| 2dgbnn |") == 4  # the cifar10 and shift rows, and one per MNIST network
     assert "| no outliers | " in text and "| int8, 4-bit std |" in text
-    assert (tmp_path / "figures" / "cifar10_accuracy_vs_parameters.png").stat().st_size > 1000
+    for figure in ("cifar10_accuracy_vs_parameters", "cifar10_shift_accuracy", "cifar10_reliability"):
+        assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 1000
 
     mnist = results["mnist"]["result"]
     assert set(mnist) == {"lenet", "resnet20"} and all(set(t) == {"deterministic", "mean-field", "2dgbnn"} for t in mnist.values())
