@@ -63,11 +63,13 @@ CIFAR_ROWS = [
 ]
 
 # Stage 2 and 3 variants on the CIFAR-10 stage-1 posterior; the base run is each table's reference row.
+# "No outliers": neither criterion, and no small clusters dissolved (their members would become outliers).
+NO_OUTLIERS = ["sharing.tau_w=null", "sharing.top_grad_fraction=null", "sharing.min_cluster_size=0"]
 ABLATIONS = {
     "table5_outliers_ellipses": {
-        "no outliers": ["sharing.tau_w=null", "sharing.top_grad_fraction=null"],
+        "no outliers": NO_OUTLIERS,
         "no ellipses": ["sharing.blend=false"],
-        "neither": ["sharing.tau_w=null", "sharing.top_grad_fraction=null", "sharing.blend=false"],
+        "neither": [*NO_OUTLIERS, "sharing.blend=false"],
     },
     "table10_merging": {"no merging": ["sharing.merge=false"]},
     "table8_tau_w": {f"tau_w={tau}": [f"sharing.tau_w={tau}"] for tau in (0.1, 0.4, 0.6)},
@@ -137,13 +139,16 @@ def table_ablations(args: argparse.Namespace) -> dict:
     base_dir = args.out / "cifar10" / "2dgbnn"
     base = cifar10_runs(args)["2dgbnn"] if not (base_dir / "metrics.json").exists() else json.loads((base_dir / "metrics.json").read_text())
     tables = {}
-    for table, variants in ABLATIONS.items():
+    for table in args.only or ABLATIONS:
+        variants = ABLATIONS[table]
         rows = {BASE_LABEL[table]: {"sharing": row(base, "sharing"), "fine_tune": row(base, "fine_tune")}}
         for label, overrides in variants.items():
             out = args.out / "ablations" / f"{table}-{label.replace(' ', '_').replace('=', '')}"
             metrics = branch(base_dir, out, "mean_field", overrides, args)
             rows[label] = {"sharing": row(metrics, "sharing"), "fine_tune": row(metrics, "fine_tune")}
         tables[table] = rows
+        if args.partial is not None:  # each finished ablation table is kept even if a later one is stopped
+            args.partial(tables)
     return tables
 
 
@@ -361,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shift-examples", type=int, default=2000, help="CIFAR-10 test images (and MNIST digits) scored under shift")
     parser.add_argument("--samples", type=int, default=10, help="posterior samples per prediction in the shift table")
     parser.add_argument("--eval-batch-size", type=int, default=500)
+    parser.add_argument("--only", nargs="+", choices=ABLATIONS, help="ablations: only these tables (default: all)")
     parser.add_argument("--document", type=Path, default=ROOT / "docs" / "results.md", help="report: the markdown file to fill")
     args = parser.parse_args(argv)
     if args.table == "report":
@@ -368,21 +374,26 @@ def main(argv: list[str] | None = None) -> None:
         report_markdown(results, args.document, args.document.parent / "figures")
         return
     started = time.perf_counter()
-    result = TABLES[args.table](args)
-    report = {
-        "table": args.table,
-        "command": "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "budget": str(BUDGET.relative_to(ROOT)) if args.table != "mnist" else str(MNIST_BUDGET.relative_to(ROOT)),
-        "overrides": args.set,
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d"),
-        "wall_time_s": round(time.perf_counter() - started, 1),
-        "result": result,
-    }
     path = args.results or ROOT / "benchmarks" / "results" / f"reproduce-{args.table}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+
+    def write(result: dict, complete: bool = True) -> None:
+        report = {
+            "table": args.table,
+            "command": "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "budget": str(BUDGET.relative_to(ROOT)) if args.table != "mnist" else str(MNIST_BUDGET.relative_to(ROOT)),
+            "overrides": args.set,
+            "machine": machine(),
+            "date": time.strftime("%Y-%m-%d"),
+            "wall_time_s": round(time.perf_counter() - started, 1),
+            "complete": complete,
+            "result": result,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}", flush=True)
+
+    args.partial = lambda result: write(result, complete=False)
+    write(TABLES[args.table](args), complete=not args.only)
 
 
 if __name__ == "__main__":
