@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 from pyro_gbnn.config import apply_overrides, load_config  # noqa: E402
 from pyro_gbnn.data import ImageTensorDataset, load_dataset, make_loader  # noqa: E402
 from pyro_gbnn.metrics import calibration_bins, classification_metrics, ood_metrics  # noqa: E402
-from pyro_gbnn.pipeline import branch_run, load_run_model, run_fit  # noqa: E402
+from pyro_gbnn.pipeline import branch_run, model_after_stage, open_run, run_fit  # noqa: E402
 from pyro_gbnn.predict import predict  # noqa: E402
-from pyro_gbnn.shift import CORRUPTIONS, corrupt, mnist_as_cifar  # noqa: E402
+from pyro_gbnn.shift import CORRUPTIONS, corrupted_test_set, mnist_as_cifar  # noqa: E402
 
 BUDGET = ROOT / "configs" / "cifar10_resnet20_budget.yaml"
 MNIST_BUDGET = ROOT / "configs" / "mnist_quick_2dgbnn.yaml"
@@ -111,11 +111,16 @@ def row(metrics: dict, stage: str) -> dict:
     }
 
 
+def base_run(args: argparse.Namespace) -> dict:
+    """The CIFAR-10 2DGBNN run every other CIFAR-10 row and ablation starts from."""
+    return fit(fresh_config(BUDGET, [], args), args.out / "cifar10" / "2dgbnn", args.data_dir)
+
+
 def cifar10_runs(args: argparse.Namespace) -> dict[str, dict]:
     """The four CIFAR-10 run folders: 2DGBNN (rows deterministic, mean-field, 2DGBNN), and
     INT8, spike-and-slab, SSVI."""
     folder = args.out / "cifar10"
-    runs = {"2dgbnn": fit(fresh_config(BUDGET, [], args), folder / "2dgbnn", args.data_dir)}
+    runs = {"2dgbnn": base_run(args)}
     runs["int8"] = branch(folder / "2dgbnn", folder / "int8", "mean_field", INT8, args)
     runs["spike-slab"] = branch(folder / "2dgbnn", folder / "spike-slab", "deterministic", SPIKE_SLAB, args)
     runs["ssvi"] = fit(fresh_config(BUDGET, SSVI, args), folder / "ssvi", args.data_dir)
@@ -137,7 +142,7 @@ def table_cifar10(args: argparse.Namespace) -> dict:
 
 def table_ablations(args: argparse.Namespace) -> dict:
     base_dir = args.out / "cifar10" / "2dgbnn"
-    base = cifar10_runs(args)["2dgbnn"] if not (base_dir / "metrics.json").exists() else json.loads((base_dir / "metrics.json").read_text())
+    base = base_run(args)
     tables = {}
     for table in args.only or ABLATIONS:
         variants = ABLATIONS[table]
@@ -163,21 +168,23 @@ def table_shift(args: argparse.Namespace) -> dict:
     cifar = load_dataset("cifar10", args.data_dir, augment=False)
     mnist = load_dataset("mnist", args.data_dir, augment=False)
     order = torch.randperm(len(cifar.test), generator=torch.Generator().manual_seed(0))[: args.shift_examples]
-    clean = torch.stack([cifar.test.load(int(i))[0] for i in order])
-    labels = torch.as_tensor([cifar.test.load(int(i))[1] for i in order])
+    clean = cifar.test.subset(order, cifar.test.transform)
+    labels = clean.targets
     picked = torch.randperm(len(mnist.test), generator=torch.Generator().manual_seed(0))[: args.shift_examples]
     digits = torch.stack([mnist.test.load(int(i))[0] for i in picked])
-    transform = cifar.test.transform
-    sets = {"clean": clean} | {f"{name}/{s}": corrupt(clean, name, s, seed=s) for name in CORRUPTIONS for s in SEVERITIES}
-    ood = ImageTensorDataset(mnist_as_cifar(digits), torch.zeros(len(digits), dtype=torch.int64), transform)
+    sets = {"clean": clean} | {f"{name}/{s}": corrupted_test_set(clean, name, s, seed=s) for name in CORRUPTIONS for s in SEVERITIES}
+    ood = ImageTensorDataset(mnist_as_cifar(digits), torch.zeros(len(digits), dtype=torch.int64), cifar.test.transform)
     report = {"examples": len(clean), "ood_examples": len(digits), "models": {}}
+    opened = {}  # a run folder's data and outputs, read once for all the rows it holds
     for name, run, stage in CIFAR_ROWS:
         started = time.perf_counter()
-        _, bnn, guide = load_run_model(args.out / "cifar10" / run, args.data_dir, stage)
+        if run not in opened:
+            opened[run] = open_run(args.out / "cifar10" / run, args.data_dir)
+        bnn, guide = model_after_stage(opened[run], stage)
         samples = 1 if guide is None else args.samples
         scores, clean_probs = {}, None
-        for key, images in sets.items():
-            probs, y, sample_probs = _scored(bnn, guide, ImageTensorDataset(images, labels, transform), args, samples)
+        for key, dataset in sets.items():
+            probs, y, sample_probs = _scored(bnn, guide, dataset, args, samples)
             scores[key] = classification_metrics(probs, y)
             if key == "clean":
                 clean_probs, clean_samples = probs, sample_probs
