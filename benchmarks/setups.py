@@ -30,6 +30,7 @@ import pyro_gbnn as pg
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.guides import site_key
 from pyro_gbnn.guides.shared_mixture import SharedMixtureGuide
+from pyro_gbnn.guides.sparse_subspace import SparseSubspaceGuide
 from pyro_gbnn.methods.gbnn2d import accumulate_gradients
 from pyro_gbnn.predict import predict_batch
 from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
@@ -48,6 +49,7 @@ class Setup:
     train_step: Callable[[], None]
     predict: Callable[[int], torch.Tensor]
     notes: dict = field(default_factory=dict)
+    state_bytes: Callable[[], dict] | None = None  # what training keeps between steps, where we can count it
 
 
 @dataclass
@@ -90,6 +92,19 @@ def _eval_no_grad(module: nn.Module, fn: Callable[[], torch.Tensor]) -> torch.Te
         module.train()
 
 
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], dict]:
+    """Bytes of ``model``'s state_dict (parameters and buffers: for a guide, the posterior) and
+    of the optimizer's state (momenta, Adam's moments), counted after warm-up."""
+    return lambda: {
+        "model_state_bytes": tensor_bytes(model.state_dict().values()),
+        "optimizer_state_bytes": tensor_bytes(v for state in optimizer.state.values() for v in state.values()),
+    }
+
+
 # ----- deterministic -----------------------------------------------------------------
 def build_deterministic(batch: Batch, **_) -> Setup:
     net = resnet20()
@@ -101,7 +116,7 @@ def build_deterministic(batch: Batch, **_) -> Setup:
     def predict(num_samples: int) -> torch.Tensor:
         return _eval_no_grad(net, lambda: _averaged(lambda: net(batch.x), num_samples))
 
-    return Setup("deterministic", train_step, predict)
+    return Setup("deterministic", train_step, predict, state_bytes=training_state_bytes(net, optimizer))
 
 
 # ----- ours ----------------------------------------------------------------------------
@@ -113,14 +128,17 @@ def _variational_setup(name: str, bnn: pg.BayesianNetwork, guide: nn.Module, loc
     if others:
         groups.append({"params": others})
     optimizer = _adam(groups)
+    after_step = getattr(guide, "after_step", None)
 
     def train_step() -> None:
         _optimizer_step(optimizer, elbo(batch.x, batch.y) / DATASET_SIZE)
+        if after_step is not None:
+            after_step(optimizer)
 
     def predict(num_samples: int) -> torch.Tensor:
         return _eval_no_grad(bnn, lambda: predict_batch(bnn, guide, batch.x, num_samples=num_samples).mean(0))
 
-    return Setup(name, train_step, predict, notes)
+    return Setup(name, train_step, predict, notes, training_state_bytes(guide, optimizer))
 
 
 def our_bnn(estimator: str) -> pg.BayesianNetwork:
@@ -184,6 +202,15 @@ def build_gbnn(batch: Batch, semantics: str = "tied", name: str = "gbnn_tied", p
         n_outliers=int(plan.outlier_index.numel()), n_ellipses=int(plan.ellipse_index.numel()),
         sharing_settings=vars(settings),
     )
+
+
+def build_ssvi(batch: Batch, density: float = 0.1, name: str = "ssvi_d10", **_) -> Setup:
+    """SSVI as ``configs/cifar10_resnet20_ssvi.yaml`` trains it (local reparameterization, gradient
+    addition every 100 steps): one step in 100 also computes the dense gradient and updates the subspace."""
+    bnn = our_bnn("local")
+    guide = SparseSubspaceGuide(bnn, density, update_every=100, total_steps=10**6)
+    return _variational_setup(name, bnn, guide, guide.loc_parameters(), guide.scale_parameters(), batch,
+                              estimator="local", density=guide.density(), train_macs_ratio=guide.train_macs_ratio(bnn, (1, 3, 32, 32)))
 
 
 # ----- TyXe ----------------------------------------------------------------------------
@@ -294,6 +321,10 @@ BUILDERS: dict[str, Callable[..., Setup]] = {
     "mean_field_flipout": functools.partial(build_mean_field, estimator="flipout", name="mean_field_flipout"),
     "gbnn_tied": functools.partial(build_gbnn, semantics="tied", name="gbnn_tied"),
     "gbnn_independent": functools.partial(build_gbnn, semantics="independent", name="gbnn_independent"),
+    "gbnn_hierarchical": functools.partial(build_gbnn, semantics="hierarchical", name="gbnn_hierarchical"),
+    "ssvi_d100": functools.partial(build_ssvi, density=1.0, name="ssvi_d100"),
+    "ssvi_d10": functools.partial(build_ssvi, density=0.1, name="ssvi_d10"),
+    "ssvi_d05": functools.partial(build_ssvi, density=0.05, name="ssvi_d05"),
     "tyxe": functools.partial(build_tyxe, local_reparameterization=False, name="tyxe"),
     "tyxe_lrt": functools.partial(build_tyxe, local_reparameterization=True, name="tyxe_lrt"),
     "bt_reparam": functools.partial(build_bayesian_torch, kind="Reparameterization", name="bt_reparam"),

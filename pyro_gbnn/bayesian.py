@@ -22,6 +22,7 @@ from torch import nn
 
 from pyro_gbnn.likelihoods import Categorical
 from pyro_gbnn.priors import Prior
+from pyro_gbnn.sparse import SparseNormal, sparse_linear
 from pyro_gbnn.reparameterization import (
     ESTIMATORS,
     flipout,
@@ -60,8 +61,12 @@ class BayesianLinear(PyroModule[nn.Linear]):
     feature_dim = -1  # output [..., out_features]: a 3D [B, T, D] input keeps its bias on D
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        q = weight_distribution(weight)
+        if isinstance(q, SparseNormal) and q.sparse_kernel and (q.draw_values is not None or self.estimator == "local"):
+            return sparse_linear(x, q, weight, self.bias, self.estimator)
         if self.estimator == "weight":
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, weight, self.bias)
         return _estimated_forward(self, x, F.linear)
 
 

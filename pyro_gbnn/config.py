@@ -15,7 +15,10 @@ import yaml
 
 from pyro_gbnn.errors import UsageError
 
-__all__ = ["DEFAULTS", "CONFIG_DIR", "dataset_config_file", "load_config", "merge", "apply_overrides", "dump_config", "flatten"]
+__all__ = [
+    "DEFAULTS", "CONFIG_DIR", "dataset_config_file", "load_config", "merge", "with_new_defaults", "apply_overrides",
+    "dump_config", "flatten",
+]
 
 # The shipped configs (a source checkout's configs/ folder) that `fit --dataset D [--method M]`
 # starts from when no --config is given: the paper's network and settings per data set,
@@ -139,6 +142,9 @@ DEFAULTS: dict[str, Any] = {
         update_every=100,
         replacement_rate=0.3,
         update_fraction=0.75,  # the subspace stops changing after this fraction of the steps
+        # Linear weights at or below this density multiply by their active entries alone (CSR);
+        # benchmarks/sparse_linear.py measures where that beats the dense kernel.
+        sparse_kernel_max_density=0.0,
     ),
     # INT8 baseline (Subedar et al. 2021): post-training quantization of the stage-1 guide;
     # one evaluation per entry of scale_bits, the first is the headline row.
@@ -153,6 +159,10 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+_CLASS_SPECS = ("prior", "guide")  # {class, args}
+_USER_KEYS = ("args", "model_args", "method_args")  # keys of the user's own classes
+
+
 def merge(base: dict, update: dict, path: str = "") -> dict:
     """``base`` updated by ``update``; unknown keys raise :class:`UsageError`.
 
@@ -165,9 +175,9 @@ def merge(base: dict, update: dict, path: str = "") -> dict:
         if base and key not in base:
             raise UsageError(f"unknown config key {where!r}; accepted here: {', '.join(sorted(base))}")
         if isinstance(base.get(key) if base else None, dict) and isinstance(value, dict):
-            if key in ("prior", "guide"):
+            if key in _CLASS_SPECS:
                 out[key] = _merge_class_spec(base[key], value)
-            elif not base[key] or key in ("args", "model_args", "method_args"):
+            elif not base[key] or key in _USER_KEYS:
                 out[key] = {**base[key], **value}
             else:
                 out[key] = merge(base[key], value, f"{where}.")
@@ -242,6 +252,18 @@ def load_config(path: str | Path | None, base: dict | None = None) -> dict:
     if not isinstance(data, dict):
         raise UsageError(f"config file {str(path)!r} must hold a mapping of keys to values, got {type(data).__name__}")
     return merge(config, data)
+
+
+def with_new_defaults(config: dict, defaults: dict = DEFAULTS) -> dict:
+    """A run's stored ``config`` with every key added to :data:`DEFAULTS` since it was written
+    set to its default (new keys default to the earlier behaviour), so older runs open and resume."""
+    out = copy.deepcopy(config)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and value and isinstance(out[key], dict) and key not in _CLASS_SPECS + _USER_KEYS:
+            out[key] = with_new_defaults(out[key], value)
+    return out
 
 
 def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:

@@ -179,7 +179,7 @@ def _put_normal(w: _Writer, guide: nn.Module, header: dict) -> None:
         q = guide.distribution(name).base_dist
         loc, scale = q.loc.detach(), q.scale.detach()
         if sparse:
-            mask = guide.masks[site_key(name)]
+            mask = guide.active_mask(name)
             w.put_mask(f"mask/{name}", mask)
             loc, scale = loc[mask], scale[mask]
         w.put_values(f"loc/{name}", loc, signed=True)
@@ -226,17 +226,18 @@ def _put_shared_mixture(w: _Writer, guide: SharedMixtureGuide, header: dict, ind
 
 # ----------------------------------------------------------------------------- tensors -> guides
 def _normal_guide(r: _Reader, sites: dict[str, torch.Size], header: dict) -> FixedNormalGuide:
-    locs, scales = {}, {}
+    locs, scales, active = {}, {}, {}
     for name, shape in sites.items():
         if header.get("sparse"):
             mask = r.mask(f"mask/{name}", shape)
             locs[name], scales[name] = r.scattered(f"loc/{name}", mask), r.scattered(f"scale/{name}", mask)
+            active[name] = mask.reshape(-1).nonzero().squeeze(1)
         else:
             locs[name], scales[name] = r.values(f"loc/{name}").reshape(shape), r.values(f"scale/{name}").reshape(shape)
     if r.quantized and not header.get("sparse"):  # as QuantizedMeanFieldGuide: stds stay > 0
         tiny = torch.finfo(torch.float32).tiny
         scales = {name: s.clamp_min(tiny) for name, s in scales.items()}
-    return FixedNormalGuide(locs, scales)
+    return FixedNormalGuide(locs, scales, active)
 
 
 def _spike_slab_guide(r: _Reader, sites: dict[str, torch.Size], header: dict) -> PrunedSpikeSlabGuide:

@@ -32,8 +32,9 @@ from torch import nn
 from torch.utils.data import Subset
 
 from pyro_gbnn.bayesian import BayesianNetwork
-from pyro_gbnn.checkpoint import atomic_write_bytes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from pyro_gbnn.config import dump_config
+from pyro_gbnn.checkpoint import atomic_write_bytes, rng_state, save_checkpoint, set_rng_state
+from pyro_gbnn.checkpoint import load_checkpoint as _load_state
+from pyro_gbnn.config import dump_config, with_new_defaults
 from pyro_gbnn.data import DataSplits, load_dataset, make_loader
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.errors import UsageError
@@ -54,8 +55,15 @@ __all__ = [
 FINAL_KEYS = (
     "accuracy", "nll", "ece", "brier", "n_params_trainable", "size_bytes",
     "n_outliers", "n_ellipses", "n_gaussians", "n_params_paper", "size_bytes_values", "size_bytes_index",
-    "sparsity", "density", "train_flops_ratio", "scale_bits",
+    "sparsity", "density", "train_macs_ratio", "scale_bits",
 )
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A run's checkpoint, its config completed with keys added since it was written."""
+    state = _load_state(path)
+    state["config"] = with_new_defaults(state["config"])
+    return state
 
 
 def count_trainable(module: nn.Module) -> int:

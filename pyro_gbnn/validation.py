@@ -132,6 +132,7 @@ def _rules() -> dict[str, Check]:
         "ssvi.update_every": _integer(1),
         "ssvi.replacement_rate": FRACTION,
         "ssvi.update_fraction": FRACTION,
+        "ssvi.sparse_kernel_max_density": FRACTION,
         "int8.loc_bits": _integer(2, 8),
         "int8.scale_bits": _integers(1, 8, nonempty=True),
         "int8.per_channel": _boolean,

@@ -64,13 +64,13 @@ def pre_change_output(estimator, guide, trace, op, x):
     if estimator == "local":
         mean = mean + guide.loc["bias"].view(bias_view)
         var = op(x * x, scale_w * scale_w) + (guide.scale("bias") * guide.scale("bias")).view(bias_view)
-        return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
-    from pyro_gbnn.reparameterization import _rademacher
+        return torch.addcmul(mean, (var + 1e-16).sqrt(), torch.randn_like(mean))
+    from pyro_gbnn.reparameterization import rademacher
 
-    sign_in = _rademacher(x.shape, x)
+    sign_in = rademacher(x.shape, x)
     perturbed = op(x * sign_in, trace.nodes["weight"]["value"] - loc_w)
-    sign_out = _rademacher(mean.shape, mean)
-    return mean + perturbed * sign_out + bias.view(bias_view)
+    sign_out = rademacher(mean.shape, mean)
+    return torch.addcmul(mean, perturbed, sign_out) + bias.view(bias_view)
 
 
 @pytest.mark.parametrize("estimator", ["local", "flipout"])
@@ -172,14 +172,52 @@ def test_non_normal_guide_draws_are_used_as_drawn_not_replaced_by_the_prior(esti
 
 def test_flipout_signs_are_the_bits_of_uniform_random_bytes():
     """Eight fair signs per random byte (least significant bit first), in the tensor's dtype."""
-    from pyro_gbnn.reparameterization import _rademacher
+    from pyro_gbnn.reparameterization import rademacher
 
     like = torch.zeros(3, dtype=torch.float64)
     torch.manual_seed(11)
-    signs = _rademacher(torch.Size([64, 131]), like)
+    signs = rademacher(torch.Size([64, 131]), like)
     torch.manual_seed(11)
     packed = torch.randint(0, 256, ((64 * 131 + 7) // 8,), dtype=torch.uint8)
     bits = torch.tensor([(int(b) >> k) & 1 for b in packed for k in range(8)])[: 64 * 131]
     assert signs.dtype == torch.float64 and torch.equal(signs.view(-1), bits.double() * 2 - 1)
-    many = _rademacher(torch.Size([1_000_000]), like)
+    many = rademacher(torch.Size([1_000_000]), like)
     assert abs(float(many.mean())) < 5e-3 and abs(float((many[1:] * many[:-1]).mean())) < 5e-3
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_normal_draws_are_split_between_two_seeded_generators_whatever_the_thread_count(threads):
+    from pyro_gbnn.reparameterization import standard_normal
+
+    like, shape = torch.zeros(()), torch.Size([3, 50_000])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(4)
+        draws = standard_normal(shape, like)
+    finally:
+        torch.set_num_threads(before)
+    torch.manual_seed(4)
+    seeds = torch.randint(0, 2**62, (2,)).tolist()
+    halves = [torch.empty(75_000).normal_(generator=torch.Generator().manual_seed(s)) for s in seeds]
+    assert draws.shape == shape and torch.equal(draws.view(-1), torch.cat(halves))
+    flat = draws.view(-1)
+    assert abs(float(flat.mean())) < 5 / 150_000**0.5 and abs(float(flat.var()) - 1) < 0.02
+    assert abs(float(torch.corrcoef(torch.stack([flat[:75_000], flat[75_000:]]))[0, 1])) < 0.02
+    assert standard_normal(torch.Size([5]), like.double()).dtype == torch.float64
+
+
+def test_sampled_gaussian_gradients_are_those_of_mean_plus_sqrt_var_times_its_noise():
+    from pyro_gbnn.reparameterization import sample_gaussian
+
+    def draw(mean, var):
+        torch.manual_seed(0)
+        return sample_gaussian(mean, var)
+
+    mean = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    var = (torch.rand(4, 3, dtype=torch.float64) + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(draw, (mean, var))
+    torch.manual_seed(0)
+    eps = torch.randn(4, 3, dtype=torch.float64)
+    assert torch.allclose(draw(mean, var), mean + (var + 1e-16).sqrt() * eps)
+    per_feature_var = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(draw, (mean, per_feature_var)), "a variance that broadcasts"

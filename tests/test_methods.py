@@ -54,7 +54,7 @@ def test_ssvi_keeps_its_density_and_reports_training_flops(fake_mnist, tmp_path)
     metrics = pipeline.run_fit(tiny_config(fake_mnist, "ssvi", SSVI), tmp_path / "run")
     assert list(metrics["stages"]) == ["ssvi"]
     assert metrics["density"] == pytest.approx(0.2, abs=1e-3)
-    assert metrics["train_flops_ratio"] == pytest.approx(0.2, abs=0.02)
+    assert metrics["train_macs_ratio"] == pytest.approx(0.2, abs=0.02)
     assert metrics["accuracy"] > 0.2
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["train_kl_weight"] < 1 for r in log if "epoch" in r] == [True, False]

@@ -1,5 +1,5 @@
-"""SSVI guide: a fixed-size sparse subspace, the paper's removal criteria and addition rules,
-inactive parameters that never move, the KL of the active weights, and exact resumption."""
+"""SSVI guide: a fixed-size sparse subspace stored as values and indices only, the paper's
+removal criteria and addition rules, the KL of the active weights, and exact resumption."""
 
 import copy
 import math
@@ -16,7 +16,7 @@ from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.guides.base import site_key
 from pyro_gbnn.guides.mean_field import MeanFieldGuide, inverse_softplus
-from pyro_gbnn.guides.sparse_subspace import SparseSubspaceGuide, removal_score
+from pyro_gbnn.guides.sparse_subspace import SparseNormal, SparseSubspaceGuide, removal_score
 from pyro_gbnn.likelihoods import Categorical
 from pyro_gbnn.priors import IIDNormalPrior, ScaleMixturePrior
 from pyro_gbnn.reparameterization import record_weight_distributions
@@ -61,8 +61,10 @@ def svi_step(elbo, guide, optimizer, x, y):
     guide.after_step(optimizer)
 
 
-def per_site(guide, tensors):
-    return {name: tensors[site_key(name)] for name in guide.site_shapes}
+def dense(guide, name):
+    """(mu, sigma) of site ``name`` in the weight's shape, 0 off the subspace."""
+    q = guide.distribution(name).base_dist
+    return q.loc.detach(), q.scale.detach()
 
 
 def test_budget_is_exactly_s_split_uniformly_over_sites():
@@ -79,37 +81,62 @@ def test_budget_is_exactly_s_split_uniformly_over_sites():
 
 
 @pytest.mark.parametrize("optimizer, addition", [("adam", "gradient"), ("sgd", "gradient"), ("adamw", "random")])
-def test_training_keeps_s_active_and_inactive_parameters_never_move(optimizer, addition):
+def test_training_keeps_s_distinct_active_weights_and_restarts_replaced_slots(optimizer, addition):
     bnn, guide = tiny(density=0.3, update_every=3, replacement_rate=0.5, total_steps=60, addition=addition)
     elbo, opt, (x, y) = AnalyticKL_ELBO(bnn, guide), make_optimizer(optimizer, guide), batch()
     s, replaced = guide.num_active(), 0
     first = {k: v.detach().clone() for k, v in guide.loc.items()}
     for _ in range(30):
-        masks = {k: m.clone() for k, m in guide.masks.named_buffers()}
-        before = {k: (guide.loc[k].detach().clone(), guide.rho[k].detach().clone()) for k in masks}
-        opt.zero_grad()
-        (elbo(x, y) / len(x)).backward()
-        for key, mask in masks.items():
-            assert (guide.loc[key].grad[~mask] == 0).all() and (guide.rho[key].grad[~mask] == 0).all()
-        opt.step()
-        for key, mask in masks.items():
-            for now, was in zip((guide.loc[key], guide.rho[key]), before[key]):
-                assert torch.equal(now[~mask], was[~mask]) and (now[~mask] == 0).all()
-        guide.after_step(opt)
+        slots = {k: i.clone() for k, i in guide.index.named_buffers()}
+        svi_step(elbo, guide, opt, x, y)
         assert guide.num_active() == s
-        for name in guide.site_shapes:
-            key, mask = site_key(name), guide.active_mask(name)
-            assert int(mask.sum()) == guide.budget[name]
-            assert (guide.loc[key][~mask] == 0).all() and (guide.rho[key][~mask] == 0).all()
-            changed = masks[key] != mask
+        for name, shape in guide.site_shapes.items():
+            key, index = site_key(name), guide.index[site_key(name)]
+            assert index.dtype == torch.int32 and guide.loc[key].shape == guide.rho[key].shape == (guide.budget[name],)
+            assert (index.diff() > 0).all(), "slots are distinct positions in flat-index order"
+            assert 0 <= int(index.min()) and int(index.max()) < shape.numel()
+            changed = ~torch.isin(index, slots[key])  # the slots of the weights added by this step
             replaced += int(changed.sum())
+            assert (guide.loc[key][changed] == 0).all(), "an added weight starts at mu = 0"
             for param in (guide.loc[key], guide.rho[key]):
                 for value in opt.state[param].values():
                     if value.shape == param.shape:
-                        assert (value[changed] == 0).all(), "removed and added entries start with zero optimizer state"
+                        assert (value[changed] == 0).all(), "a replaced slot starts with zero optimizer state"
     assert replaced > 0 and int(guide.step_count) == 30
     moved = [not torch.equal(first[k], v) for k, v in guide.loc.items()]
     assert any(moved)
+
+
+def test_parameters_gradients_and_optimizer_state_scale_with_the_density():
+    """Nothing the guide or Adam keeps has the dense network's size: 2s values, s int32 positions, 4s moments."""
+    bnn = BayesianNetwork(nn.Linear(400, 300), IIDNormalPrior(), Categorical(32), estimator="local")
+    guide = SparseSubspaceGuide(bnn, 0.05, update_every=1, total_steps=10)
+    s, dense = guide.num_active(), sum(shape.numel() for shape in guide.site_shapes.values())
+    assert s == round(0.05 * dense)
+    elbo, opt = AnalyticKL_ELBO(bnn, guide), make_optimizer("adam", guide)
+    x, y = torch.randn(32, 400), torch.randint(0, 3, (32,))
+    svi_step(elbo, guide, opt, x, y)
+    assert sum(p.numel() for p in guide.parameters()) == 2 * s
+    assert sum(p.grad.numel() for p in guide.parameters()) == 2 * s
+    # loc, rho, index; a step counter and one initial scale per site
+    assert sum(t.numel() for t in guide.state_dict().values()) == 3 * s + 1 + len(guide.site_shapes)
+    moments = [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+    assert sum(v.numel() for v in moments) == 4 * s
+
+
+def test_sparse_normal_draws_match_its_moments_on_the_active_entries_and_are_zero_elsewhere():
+    index = torch.tensor([1, 4, 5], dtype=torch.int32)
+    loc, scale = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.1, 0.3, 1.0])
+    q = SparseNormal(index, loc, scale, torch.Size([2, 3]))
+    assert torch.equal(q.loc.view(-1), torch.tensor([0.0, 0.5, 0, 0, -1.0, 2.0]))
+    assert torch.equal(q.scale.view(-1), torch.tensor([0.0, 0.1, 0, 0, 0.3, 1.0]))
+    draws = q.sample((200_000,)).view(200_000, -1)
+    assert draws.shape == (200_000, 6) and (draws[:, [0, 2, 3]] == 0).all()
+    assert torch.allclose(draws[:, [1, 4, 5]].mean(0), loc, atol=5 * 1.0 / 200_000**0.5)
+    assert torch.allclose(draws[:, [1, 4, 5]].std(0), scale, rtol=0.01)
+    values = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    SparseNormal(index, values, scale, torch.Size([2, 3])).rsample().sum().backward()
+    assert torch.equal(values.grad, torch.ones(3)), "draws are differentiable in the active values"
 
 
 @pytest.mark.parametrize("estimator", ["weight", "local", "flipout"])
@@ -173,9 +200,9 @@ def handmade(removal="abs_mean", addition="random", rate=0.25, width=3):
     sigma = torch.ones(2 * width)
     sigma[:4] = torch.tensor([0.05, 10.0, 0.001, 0.1])
     with torch.no_grad():
-        guide.masks["weight"].copy_(mask.view(2, width))
-        guide.loc["weight"].copy_((mu * mask).view(2, width))
-        guide.rho["weight"].copy_((inverse_softplus(sigma) * mask).view(2, width))
+        guide.index["weight"].copy_(torch.arange(4))
+        guide.loc["weight"].copy_(mu[mask])
+        guide.rho["weight"].copy_(inverse_softplus(sigma[mask]))
     return bnn, guide
 
 
@@ -185,20 +212,22 @@ def test_each_removal_criterion_removes_its_lowest_active_entry(removal, expecte
     guide.after_step(None)
     mask = guide.active_mask("weight").view(-1)
     assert int(mask.sum()) == 4 and not mask[expected] and mask[[i for i in range(4) if i != expected]].all()
-    assert guide.loc["weight"].view(-1)[expected] == 0 and guide.rho["weight"].view(-1)[expected] == 0
+    added = int(guide.index["weight"][-1])
+    assert added >= 4 and dense(guide, "weight")[0].view(-1)[added] == 0, "the added weight starts at mu = 0"
 
 
 def test_gradient_addition_takes_the_largest_inactive_gradients_never_the_just_removed():
     _, guide = handmade("abs_mean", "gradient", rate=0.5, width=4)
-    rho_survivors = guide.rho["weight"].detach().view(-1)[[1, 3]].mean()
+    rho_survivors = guide.rho["weight"].detach()[[1, 3]].mean()
     c = torch.tensor([100.0, 100.0, 100.0, 100.0, 1.0, -5.0, 3.0, -0.5])
     draws = guide()
     (draws["weight"].view(-1) * c).sum().backward()
     guide.after_step(None)
     mask = guide.active_mask("weight").view(-1)
     assert mask.nonzero().view(-1).tolist() == [1, 3, 5, 6]
-    assert (guide.loc["weight"].view(-1)[[5, 6]] == 0).all()
-    assert torch.allclose(guide.rho["weight"].view(-1)[[5, 6]], rho_survivors.expand(2))
+    loc, scale = dense(guide, "weight")
+    assert (loc.view(-1)[[5, 6]] == 0).all()
+    assert torch.allclose(scale.view(-1)[[5, 6]], torch.nn.functional.softplus(rho_survivors).expand(2))
 
 
 def test_gradient_addition_without_a_backward_pass_is_an_error():
@@ -217,7 +246,7 @@ def test_added_scale_initial_uses_the_sites_initial_scale_and_updates_stop_at_to
     guide.after_step(None)
     added = guide.active_mask("weight") & ~before
     assert int(added.sum()) == round(guide.replacement_fraction(2) * 12) == 4
-    assert torch.allclose(torch.nn.functional.softplus(guide.rho["weight"][added]), torch.tensor(0.02))
+    assert torch.allclose(dense(guide, "weight")[1][added], torch.tensor(0.02))
     mask = guide.active_mask("weight").clone()
     for _ in range(6):
         guide.after_step(None)
@@ -240,8 +269,10 @@ def test_kl_is_the_mean_field_kl_of_the_active_weights_only():
     mean_field = MeanFieldGuide(bnn, init_scale=0.2)
     with torch.no_grad():
         for key in guide.loc:
-            mean_field.loc[key].copy_(guide.loc[key] + torch.randn_like(guide.loc[key]) * ~guide.masks[key])
-            mean_field.rho[key].copy_(torch.where(guide.masks[key], guide.rho[key], torch.randn_like(guide.rho[key])))
+            mean_field.loc[key].normal_()
+            mean_field.rho[key].normal_()
+            guide.loc[key].copy_(mean_field.loc[key].view(-1)[guide.index[key]])
+            guide.rho[key].copy_(mean_field.rho[key].view(-1)[guide.index[key]])
     expected = 0.0
     for name in guide.site_shapes:
         per_weight = kl_divergence(mean_field.distribution(name).base_dist, bnn.prior_distribution(name).base_dist)
@@ -263,7 +294,7 @@ def test_state_dict_round_trip_resumes_with_identical_updates(addition):
     for _ in range(7):
         svi_step(elbo, guide, opt, x, y)
     saved = copy.deepcopy(guide.state_dict()), copy.deepcopy(opt.state_dict())
-    assert any(k.startswith("masks.") for k in saved[0]) and "step_count" in saved[0]
+    assert any(k.startswith("index.") for k in saved[0]) and "step_count" in saved[0]
 
     def continue_training(guide, elbo, opt):
         pyro.set_rng_seed(5)
@@ -278,22 +309,42 @@ def test_state_dict_round_trip_resumes_with_identical_updates(addition):
     resumed.load_state_dict(saved[0])
     resumed_opt.load_state_dict(saved[1])
     replay = continue_training(resumed, resumed_elbo, resumed_opt)
-    assert any(not torch.equal(reference[0][k], reference[-1][k]) for k in reference[0] if k.startswith("masks."))
+    assert any(not torch.equal(reference[0][k], reference[-1][k]) for k in reference[0] if k.startswith("index."))
     for ours, theirs in zip(reference, replay):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_flops_ratio_and_size_bytes():
+def test_a_state_dict_of_the_earlier_dense_layout_loads_as_the_same_distribution():
+    bnn, guide = tiny(density=0.4, update_every=1, replacement_rate=0.5, total_steps=9, addition="random")
+    for _ in range(3):
+        guide.after_step(None)
+    old = {"step_count": guide.step_count.clone(), "initial_rho": guide.initial_rho.clone()}
+    for name in guide.site_shapes:
+        key = site_key(name)
+        loc, scale = dense(guide, name)
+        old[f"masks.{key}"] = guide.active_mask(name)
+        old[f"loc.{key}"] = loc
+        old[f"rho.{key}"] = torch.where(scale > 0, inverse_softplus(scale.clamp_min(1e-30)), torch.zeros_like(scale))
+    _, loaded = tiny(density=0.4, seed=99)
+    loaded.load_state_dict(old)
+    for name in guide.site_shapes:
+        assert torch.equal(loaded.active_mask(name), guide.active_mask(name))
+        for ours, theirs in zip(dense(loaded, name), dense(guide, name)):
+            assert torch.allclose(ours, theirs, atol=1e-6)
+    assert int(loaded.step_count) == 3
+
+
+def test_macs_ratio_and_size_bytes():
     net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 4))
     bnn = BayesianNetwork(net, IIDNormalPrior(), Categorical(1))
     guide = SparseSubspaceGuide(bnn, 0.25)
     assert [guide.budget[n] for n in guide.site_shapes] == [18, 1, 64, 1]
-    assert guide.training_flops_ratio(bnn, (1, 2, 6, 6)) == pytest.approx(0.25)
+    assert guide.train_macs_ratio(bnn, (1, 2, 6, 6)) == pytest.approx(0.25)
     dense_conv = SparseSubspaceGuide(bnn, 0.25, dense_sites=["0.weight"])
     conv_macs, linear_macs = 4 * 4 * 4 * 2 * 9, 64 * 4
     linear_density = float(dense_conv.active_mask("3.weight").float().mean())
     expected = (conv_macs + linear_macs * linear_density) / (conv_macs + linear_macs)
-    assert dense_conv.training_flops_ratio(bnn, (3, 2, 6, 6)) == pytest.approx(expected)
+    assert dense_conv.train_macs_ratio(bnn, (3, 2, 6, 6)) == pytest.approx(expected)
     # fp32 mu and sigma per active weight + per site min(bitmask, int32 indices)
     assert guide.size_bytes() == 8 * 84 + min(9, 72) + min(1, 4) + min(32, 256) + min(1, 4)
     sparse_bnn = BayesianNetwork(nn.Linear(100, 10, bias=False), IIDNormalPrior(), Categorical(1))

@@ -28,7 +28,7 @@ from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
 
-__all__ = ["BufferDict", "SiteGuide", "normal_kl", "normal_prior", "site_key", "zero_optimizer_state"]
+__all__ = ["BufferDict", "SiteGuide", "normal_kl", "normal_prior", "optimizer_state", "site_key", "zero_optimizer_state"]
 
 
 def site_key(name: str) -> str:
@@ -56,16 +56,20 @@ def normal_kl(loc: torch.Tensor, scale: torch.Tensor, prior_loc: torch.Tensor, p
     return torch.log(prior_scale / scale) + (scale**2 + (loc - prior_loc) ** 2) / (2 * prior_scale**2) - 0.5
 
 
-def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor], entries: torch.Tensor) -> None:
-    """Forget the optimizer's running statistics (Adam's moments, SGD's momentum: every
-    state tensor shaped like its parameter) at the flat ``entries`` of each of ``params``,
-    so an entry a guide rewrote or retired outside the gradient step restarts from rest."""
+def optimizer_state(optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The optimizer's running statistics of ``params`` (Adam's moments, SGD's momentum): every
+    state tensor shaped like its parameter."""
     if optimizer is None:
-        return
-    for param in params:
-        for value in optimizer.state.get(param, {}).values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                value.view(-1)[entries] = 0
+        return []
+    return [value for param in params for value in optimizer.state.get(param, {}).values()
+            if torch.is_tensor(value) and value.shape == param.shape]
+
+
+def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor], entries: torch.Tensor) -> None:
+    """Forget the optimizer's running statistics at the flat ``entries`` of each of ``params``,
+    so an entry a guide rewrote or retired outside the gradient step restarts from rest."""
+    for value in optimizer_state(optimizer, params):
+        value.view(-1)[entries] = 0
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

@@ -34,13 +34,19 @@ Only the paper's abstract was available to us: the details follow the authors' c
 * KL warm-up (the pipeline's KL weight): the code scales the KL by 0.01 x min(2e / E, 1) in epoch
   e = 1..E, a linear ramp over the first half of training.
 
-Inactive entries hold mu = rho = 0 and get zero gradient; ``after_step(optimizer)`` zeroes the
-optimizer state of removed and added entries (each state tensor shaped like the parameter:
-Adam's moments, SGD's momentum). Zero is then a fixed point of SGD/Adam/AdamW, weight decay
-included, so an inactive parameter never moves. q of a site is Normal(mu * mask, sigma * mask):
-draws are exactly 0 off the subspace, and local reparameterization and flipout use it as it is.
-Its log-density is not finite there: train with :class:`~pyro_gbnn.elbo.AnalyticKL_ELBO`, which
-uses :meth:`SparseSubspaceGuide.kl_divergence`, not with Pyro's Monte-Carlo ELBOs.
+Storage is the subspace only: per site, ``index`` (int32 flat positions of the active weights,
+a buffer) and the parameters ``loc`` and ``rho`` of those weights, s_l values each, so the
+parameters, their gradients and the optimizer's state are O(density x D). An update rewrites
+the slots of the removed weights with the added ones (new position, mu = 0, the added rho) and
+zeroes the optimizer state of those slots (each state tensor shaped like the parameter: Adam's
+moments, SGD's momentum), so they restart from rest; slots are then re-sorted by position. The dense weight exists only where a dense
+kernel needs it: q of a site is a :class:`SparseNormal`, whose ``loc`` and ``scale`` are the
+active values scattered into zeros of the weight's shape (the convolutions of local
+reparameterization and flipout read them) and whose draws add noise drawn for the active entries
+only: exactly 0 off the subspace. Its log-density is not finite there: train with
+:class:`~pyro_gbnn.elbo.AnalyticKL_ELBO`, which uses :meth:`SparseSubspaceGuide.kl_divergence`
+(over the s active values), not with Pyro's Monte-Carlo ELBOs. A state_dict of the earlier dense
+layout (``masks``, dense ``loc`` / ``rho``) still loads, as slots in flat-index order.
 """
 
 from __future__ import annotations
@@ -55,10 +61,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
-from pyro_gbnn.guides.base import BufferDict, SiteGuide, normal_kl, normal_prior, site_key, zero_optimizer_state
+from pyro_gbnn.sparse import SparseNormal
+from pyro_gbnn.guides.base import (
+    BufferDict, SiteGuide, normal_kl, normal_prior, optimizer_state, site_key, zero_optimizer_state,
+)
 from pyro_gbnn.guides.mean_field import initial_scales, inverse_softplus
 
-__all__ = ["SparseSubspaceGuide", "removal_score", "REMOVAL_CRITERIA", "ADDITION_RULES"]
+__all__ = ["SparseSubspaceGuide", "SparseNormal", "removal_score", "REMOVAL_CRITERIA", "ADDITION_RULES"]
 
 REMOVAL_CRITERIA = ("abs_mean", "snr_abs", "mean_abs")
 ADDITION_RULES = ("gradient", "random")
@@ -100,9 +109,13 @@ class SparseSubspaceGuide(SiteGuide):
         added_scale: ``"mean"`` or ``"initial"``, the scale of newly added weights.
         dense_sites: sites kept fully active (e.g. the first convolution).
         seed: the random mask and random additions (update t uses seed and t: resumes exactly).
+        sparse_kernel_max_density: Linear weights whose density is at most this multiply by
+            their active entries alone (:func:`pyro_gbnn.sparse.sparse_linear`, a CSR product)
+            except at steps that need the dense gradient; 0 keeps every layer dense.
 
     ``budget[name]`` is the number of active weights of each site; ``step_count`` (a buffer)
-    the optimizer steps seen. Masks, means, scales and the counter are in the state_dict.
+    the optimizer steps seen. The active positions (``index``), their means and scales and the
+    counter are in the state_dict; nothing of the guide has the size of the dense network.
     """
 
     def __init__(
@@ -119,10 +132,12 @@ class SparseSubspaceGuide(SiteGuide):
         added_scale: str = "mean",
         dense_sites: Sequence[str] = (),
         seed: int = 0,
+        sparse_kernel_max_density: float = 0.0,
     ) -> None:
         super().__init__(bnn)
         _check_fraction("density", density, zero_allowed=False)
         _check_fraction("replacement_rate", replacement_rate, zero_allowed=True)
+        _check_fraction("sparse_kernel_max_density", sparse_kernel_max_density, zero_allowed=True)
         for arg, value, accepted in (("removal", removal, REMOVAL_CRITERIA), ("addition", addition, ADDITION_RULES),
                                      ("added_scale", added_scale, ADDED_SCALES)):
             if value not in accepted:
@@ -140,19 +155,22 @@ class SparseSubspaceGuide(SiteGuide):
         self.update_every, self.replacement_rate, self.total_steps = update_every, float(replacement_rate), total_steps
         self.seed = seed
         self.budget = self._budgets(density, set(dense_sites))
+        self.sparse_kernel_sites = {
+            name for name, shape in self.site_shapes.items()
+            if len(shape) == 2 and isinstance(bnn.module_of(name), nn.Linear)
+            and self.budget[name] <= sparse_kernel_max_density * shape.numel()
+        }
         generator = torch.Generator().manual_seed(seed)
-        masks, scales = {}, initial_scales(bnn, init_scale, xavier_gain)
+        index, scales = {}, initial_scales(bnn, init_scale, xavier_gain)
         for name, shape in self.site_shapes.items():
-            flat = torch.zeros(shape.numel(), dtype=torch.bool)
-            flat[torch.randperm(shape.numel(), generator=generator)[: self.budget[name]]] = True
-            masks[site_key(name)] = flat.view(shape)
-        self.masks = BufferDict(masks)
+            index[site_key(name)] = torch.randperm(shape.numel(), generator=generator)[: self.budget[name]].sort().values.int()
+        self.index = BufferDict(index)
         self.loc = nn.ParameterDict({
-            site_key(n): nn.Parameter(bnn.initial_values[n].detach().reshape(s) * masks[site_key(n)])
-            for n, s in self.site_shapes.items()
+            key: nn.Parameter(bnn.initial_values[n].detach().reshape(-1)[index[key]].clone())
+            for n, key in zip(self.site_shapes, index)
         })
         self.rho = nn.ParameterDict({
-            site_key(n): nn.Parameter(inverse_softplus(scales[n]) * masks[site_key(n)]) for n in self.site_shapes
+            key: nn.Parameter(inverse_softplus(scales[n]).reshape(-1)[index[key]].clone()) for n, key in zip(self.site_shapes, index)
         })
         self.register_buffer("initial_rho", torch.stack([inverse_softplus(scales[n].mean()) for n in self.site_shapes]))
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
@@ -174,18 +192,21 @@ class SparseSubspaceGuide(SiteGuide):
             budget[n] += 1
         return budget
 
-    def distribution(self, name: str) -> dist.Distribution:
-        """N(mu * mask, (sigma * mask)^2): exactly 0 on inactive entries."""
-        key = site_key(name)
-        mask = self.masks[key]
-        loc, scale = self.loc[key] * mask, F.softplus(self.rho[key]) * mask
-        return dist.Normal(loc, scale, validate_args=False).to_event(mask.dim())
+    def distribution(self, name: str, sparse_kernel: bool | None = None) -> dist.Distribution:
+        """N(mu, sigma^2) on the active entries, exactly 0 on the others (a :class:`SparseNormal`);
+        ``sparse_kernel`` (default: the site is in ``sparse_kernel_sites``) lets its Linear layer
+        multiply by the active entries alone."""
+        key, shape = site_key(name), self.site_shapes[name]
+        sparse_kernel = name in self.sparse_kernel_sites if sparse_kernel is None else sparse_kernel
+        q = SparseNormal(self.index[key], self.loc[key], F.softplus(self.rho[key]), shape, sparse_kernel)
+        return q.to_event(len(shape))
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         capture = self.addition == "gradient" and torch.is_grad_enabled() and self._update_due(int(self.step_count) + 1)
         draws = {}
         for name in self.site_shapes:
-            q = self.distribution(name)
+            # the gradient-addition rule needs the dense gradient: dense kernels on that step
+            q = self.distribution(name, sparse_kernel=name in self.sparse_kernel_sites and not capture)
             if capture and q.base_dist.loc.requires_grad:  # every use of the location flows through this tensor
                 q.base_dist.loc.register_hook(lambda grad, name=name: self._store_grad(name, grad))
             draws[name] = pyro.sample(name, q)
@@ -198,8 +219,9 @@ class SparseSubspaceGuide(SiteGuide):
         """sum over active weights of KL(N(mu, sigma^2) || prior); the Normal priors were read from ``bnn`` at construction."""
         total = torch.zeros(())
         for key in map(site_key, self.site_shapes):
-            kl = normal_kl(self.loc[key], F.softplus(self.rho[key]), self.prior_loc[key], self.prior_scale[key])
-            total = total + torch.where(self.masks[key], kl, torch.zeros_like(kl)).sum()
+            index = self.index[key]
+            prior_loc, prior_scale = (p if p.dim() == 0 else p.reshape(-1)[index] for p in (self.prior_loc[key], self.prior_scale[key]))
+            total = total + normal_kl(self.loc[key], F.softplus(self.rho[key]), prior_loc, prior_scale).sum()
         return total
 
     def loc_parameters(self) -> Iterator[nn.Parameter]:
@@ -233,32 +255,39 @@ class SparseSubspaceGuide(SiteGuide):
 
     def _replace(self, name: str, index: int, rate: float, grad: torch.Tensor | None,
                  generator: torch.Generator, optimizer: torch.optim.Optimizer | None) -> None:
-        key = site_key(name)
-        active, mu, rho = self.masks[key].view(-1), self.loc[key].view(-1), self.rho[key].view(-1)
-        k = min(round(rate * self.budget[name]), active.numel() - self.budget[name])
+        key, numel = site_key(name), self.site_shapes[name].numel()
+        slots, mu, rho = self.index[key], self.loc[key], self.rho[key]
+        k = min(round(rate * self.budget[name]), numel - self.budget[name])
         if k <= 0:
             return
-        score = removal_score(mu, F.softplus(rho), self.removal).masked_fill(~active, math.inf)
-        removed = torch.topk(score, k, largest=False).indices
+        removed = torch.topk(removal_score(mu, F.softplus(rho), self.removal), k, largest=False).indices
         if self.addition == "gradient":
-            growth = grad.reshape(-1).abs().double() if grad is not None else torch.zeros_like(score)
+            growth = grad.reshape(-1).abs().double() if grad is not None else torch.zeros(numel, dtype=torch.float64)
         else:
-            growth = torch.rand(active.numel(), generator=generator, dtype=torch.float64).to(active.device)
-        added = torch.topk(growth.masked_fill(active, -math.inf), k).indices
-        survivors = active.clone()
+            growth = torch.rand(numel, generator=generator, dtype=torch.float64)
+        active = torch.zeros(numel, dtype=torch.bool, device=slots.device)
+        active[slots] = True  # the old active set: a weight removed now is not added back at once
+        added = torch.topk(growth.to(slots.device).masked_fill(active, -math.inf), k).indices
+        survivors = torch.ones_like(mu, dtype=torch.bool)
         survivors[removed] = False
         new_rho = rho[survivors].mean() if self.added_scale == "mean" and survivors.any() else self.initial_rho[index]
-        active[removed], active[added] = False, True
-        changed = torch.cat([removed, added])
-        mu[changed], rho[removed], rho[added] = 0.0, 0.0, new_rho
-        zero_optimizer_state(optimizer, (self.loc[key], self.rho[key]), changed)
+        slots[removed], mu[removed], rho[removed] = added.to(slots.dtype), 0.0, new_rho
+        zero_optimizer_state(optimizer, (mu, rho), removed)
+        # Slots stay in flat-index order: the draws (noise in slot order) are then those of any
+        # copy of this q that lists its active weights by position, as an exported model does.
+        order = slots.argsort()
+        for tensor in (slots, mu, rho, *optimizer_state(optimizer, (mu, rho))):
+            tensor.copy_(tensor[order])
 
     def active_mask(self, name: str) -> torch.Tensor:
-        """Bool tensor of site ``name``'s shape, True where the weight is active."""
-        return self.masks[site_key(name)]
+        """Bool tensor of site ``name``'s shape, True where the weight is active (built on request)."""
+        shape = self.site_shapes[name]
+        mask = torch.zeros(shape.numel(), dtype=torch.bool, device=self.step_count.device)
+        mask[self.index[site_key(name)]] = True
+        return mask.view(shape)
 
     def num_active(self) -> int:
-        return sum(int(self.masks[site_key(n)].sum()) for n in self.site_shapes)
+        return sum(self.index[site_key(n)].numel() for n in self.site_shapes)
 
     def density(self) -> float:
         """Active fraction of the Bayesian weights."""
@@ -267,16 +296,18 @@ class SparseSubspaceGuide(SiteGuide):
     def size_bytes(self) -> int:
         """Deployed storage: fp32 mu and sigma per active weight, plus per site the cheaper
         index: a bitmask (ceil(numel / 8) bytes) or int32 flat indices (4 bytes each)."""
-        active = {n: int(self.masks[site_key(n)].sum()) for n in self.site_shapes}
+        active = {n: self.index[site_key(n)].numel() for n in self.site_shapes}
         return sum(8 * a + min(math.ceil(self.site_shapes[n].numel() / 8), 4 * a) for n, a in active.items())
 
     @torch.no_grad()
-    def training_flops_ratio(self, bnn: BayesianNetwork, input_shape: Sequence[int]) -> float:
-        """Sparse over dense training cost: sum_l MACs_l density_l / sum_l MACs_l over the
+    def train_macs_ratio(self, bnn: BayesianNetwork, input_shape: Sequence[int]) -> float:
+        """Sparse over dense training arithmetic, in theory: sum_l MACs_l density_l / sum_l MACs_l over the
         Linear/Conv2d weights, MACs_l counted by forward hooks on one input of ``input_shape``
         (batch included). Forward and backward MACs of a layer both scale with its density
         (local reparameterization: the mean and the variance pass alike), so the ratio is
-        that of the whole training step; the dense gradient of the addition step is left out."""
+        that of the whole training step if every layer ran a sparse kernel; the dense gradient
+        of the addition step is left out. What a step costs here is measured by
+        ``benchmarks/run.py`` (rows ``ssvi_*``): the convolutions run dense."""
         macs: dict[str, int] = {}
 
         def count(name: str, per_output: int):
@@ -296,5 +327,17 @@ class SparseSubspaceGuide(SiteGuide):
             for hook in hooks:
                 hook.remove()
         dense = sum(macs.values())
-        sparse = sum(m * self.masks[site_key(n)].float().mean().item() for n, m in macs.items())
+        sparse = sum(m * self.budget[n] / self.site_shapes[n].numel() for n, m in macs.items())
         return sparse / dense if dense else 1.0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # The earlier dense layout (a bool mask and dense loc / rho per site) becomes slots in
+        # flat-index order, so run folders written before the sparse storage still load.
+        for key in map(site_key, self.site_shapes):
+            mask = state_dict.pop(f"{prefix}masks.{key}", None)
+            if mask is not None:
+                flat = mask.reshape(-1).nonzero().squeeze(1)
+                state_dict[f"{prefix}index.{key}"] = flat.int()
+                for group in ("loc", "rho"):
+                    state_dict[f"{prefix}{group}.{key}"] = state_dict[f"{prefix}{group}.{key}"].reshape(-1)[flat]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

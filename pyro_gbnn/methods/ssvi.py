@@ -30,7 +30,7 @@ class SSVI(Method):
         run.finish_stage("ssvi", bnn, guide, elbo, {"elbo": elbo.state_dict()}, size=size)
         x, _ = run.data.test[0]
         run.results["ssvi"].update(
-            density=guide.density(), train_flops_ratio=guide.training_flops_ratio(bnn, (1, *x.shape))
+            density=guide.density(), train_macs_ratio=guide.train_macs_ratio(bnn, (1, *x.shape))
         )
 
     def model_ssvi(self, run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, SparseSubspaceGuide]:
@@ -52,5 +52,6 @@ class SSVI(Method):
             replacement_rate=section["replacement_rate"],
             total_steps=steps,
             seed=run.config["seed"],
+            sparse_kernel_max_density=section["sparse_kernel_max_density"],
         )
         return bnn, guide
