@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextvars
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import pyro.distributions as dist
@@ -38,7 +36,6 @@ __all__ = [
     "flipout",
     "per_feature",
     "rademacher",
-    "standard_normal",
     "sample_gaussian",
 ]
 
@@ -112,49 +109,7 @@ def rademacher(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
         bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1
         _SIGN_TABLES[key] = (bits * 2 - 1).to(dtype=like.dtype, device=like.device)
     packed = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, device=like.device)
-    return _SIGN_TABLES[key][packed.long()].view(-1)[:n].view(shape)
-
-
-# Draws of N(0, 1) at least this large are filled in two halves on two threads (CPU).
-_SPLIT_NOISE_FROM = 1 << 16
-_noise_pool: ThreadPoolExecutor | None = None
-
-
-def _forget_noise_pool() -> None:
-    global _noise_pool
-    _noise_pool = None  # a forked child has the pool object but not its thread
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_noise_pool)
-
-
-def standard_normal(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-    """N(0, 1) draws of ``shape`` in ``like``'s dtype and device.
-
-    The CPU generator draws one value at a time on one thread, and local reparameterization
-    needs one draw per output element (ResNet-20, batch 128: 24M a step). On the CPU a draw of
-    at least 65,536 values is filled in two halves, each from its own generator seeded from
-    the global one (so ``pyro.set_rng_seed`` and checkpointed RNG states still fix it), on
-    two threads when torch runs more than one: the values do not depend on the thread count.
-    """
-    global _noise_pool
-    out = torch.empty(shape, dtype=like.dtype, device=like.device)
-    if like.device.type != "cpu" or out.numel() < _SPLIT_NOISE_FROM:
-        return out.normal_()
-    first, second = out.view(-1).tensor_split(2)
-    seeds = torch.randint(0, 2**62, (2,)).tolist()
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    if torch.get_num_threads() < 2:
-        first.normal_(generator=generators[0])
-        second.normal_(generator=generators[1])
-        return out
-    if _noise_pool is None:
-        _noise_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyro_gbnn_noise")
-    pending = _noise_pool.submit(second.normal_, generator=generators[1])
-    first.normal_(generator=generators[0])
-    pending.result()
-    return out
+    return _SIGN_TABLES[key].index_select(0, packed.long()).view(-1)[:n].view(shape)
 
 
 class _SampledGaussian(torch.autograd.Function):
@@ -165,7 +120,7 @@ class _SampledGaussian(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         std = torch.add(var, 1e-16).sqrt_()
-        eps = standard_normal(mean.shape, mean)
+        eps = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)  # in the output's logical order
         ctx.save_for_backward(torch.div(eps, std).mul_(0.5))
         return torch.addcmul(mean, std, eps)
 

@@ -184,28 +184,6 @@ def test_flipout_signs_are_the_bits_of_uniform_random_bytes():
     many = rademacher(torch.Size([1_000_000]), like)
     assert abs(float(many.mean())) < 5e-3 and abs(float((many[1:] * many[:-1]).mean())) < 5e-3
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_large_normal_draws_are_split_between_two_seeded_generators_whatever_the_thread_count(threads):
-    from pyro_gbnn.reparameterization import standard_normal
-
-    like, shape = torch.zeros(()), torch.Size([3, 50_000])
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(4)
-        draws = standard_normal(shape, like)
-    finally:
-        torch.set_num_threads(before)
-    torch.manual_seed(4)
-    seeds = torch.randint(0, 2**62, (2,)).tolist()
-    halves = [torch.empty(75_000).normal_(generator=torch.Generator().manual_seed(s)) for s in seeds]
-    assert draws.shape == shape and torch.equal(draws.view(-1), torch.cat(halves))
-    flat = draws.view(-1)
-    assert abs(float(flat.mean())) < 5 / 150_000**0.5 and abs(float(flat.var()) - 1) < 0.02
-    assert abs(float(torch.corrcoef(torch.stack([flat[:75_000], flat[75_000:]]))[0, 1])) < 0.02
-    assert standard_normal(torch.Size([5]), like.double()).dtype == torch.float64
-
-
 def test_sampled_gaussian_gradients_are_those_of_mean_plus_sqrt_var_times_its_noise():
     from pyro_gbnn.reparameterization import sample_gaussian
 
