@@ -125,6 +125,7 @@ class _SampledGaussian(torch.autograd.Function):
         return torch.addcmul(mean, std, eps)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (d_var,) = ctx.saved_tensors
         return grad, grad * d_var

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.test_data import write_cifar10_jpeg
 
@@ -34,9 +35,14 @@ def test_every_table_of_the_reproduction_runs_on_a_tiny_budget(fake_mnist, tmp_p
         assert results[table]["command"].startswith(f"python benchmarks/reproduce.py {table}")
 
     rows = results["cifar10"]["result"]["rows"]
-    assert list(rows) == ["deterministic", "mean-field", "2dgbnn", "int8", "spike-slab", "ssvi"]
+    assert list(rows) == ["deterministic", "mean-field", "mean-field, local reparam.", "2dgbnn", "int8", "spike-slab", "ssvi"]
     assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r["nll"]) for r in rows.values())
     assert rows["2dgbnn"]["n_params_trainable"] < rows["mean-field"]["n_params_trainable"]
+    lrt = yaml.safe_load((tmp_path / "runs" / "cifar10" / "mean-field-lrt" / "config.yaml").read_text())
+    assert lrt["method"] == "mean-field" and lrt["bnn"]["estimator"] == "local"
+    lrt_metrics = json.loads((tmp_path / "runs" / "cifar10" / "mean-field-lrt" / "metrics.json").read_text())
+    base_metrics = json.loads((tmp_path / "runs" / "cifar10" / "2dgbnn" / "metrics.json").read_text())
+    assert lrt_metrics["stages"]["deterministic"] == base_metrics["stages"]["deterministic"], "one shared stage 0"
 
     ablations = results["ablations"]["result"]
     assert ablations["table5_outliers_ellipses"]["no outliers"]["sharing"]["n_outliers"] == 0

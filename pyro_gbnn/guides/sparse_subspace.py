@@ -39,11 +39,12 @@ a buffer) and the parameters ``loc`` and ``rho`` of those weights, s_l values ea
 parameters, their gradients and the optimizer's state are O(density x D). An update rewrites
 the slots of the removed weights with the added ones (new position, mu = 0, the added rho) and
 zeroes the optimizer state of those slots (each state tensor shaped like the parameter: Adam's
-moments, SGD's momentum), so they restart from rest; slots are then re-sorted by position. The dense weight exists only where a dense
-kernel needs it: q of a site is a :class:`SparseNormal`, whose ``loc`` and ``scale`` are the
-active values scattered into zeros of the weight's shape (the convolutions of local
-reparameterization and flipout read them) and whose draws add noise drawn for the active entries
-only: exactly 0 off the subspace. Its log-density is not finite there: train with
+moments, SGD's momentum), so they restart from rest; slots are then re-sorted by position.
+The dense weight exists only where a dense kernel needs it: q of a site is a
+:class:`~pyro_gbnn.sparse.SparseNormal`, whose ``loc`` and ``scale`` are the active values
+scattered into zeros of the weight's shape (the convolutions of local reparameterization and
+flipout read them) and whose draws add noise drawn for the active entries only: exactly 0 off
+the subspace. Its log-density is not finite there: train with
 :class:`~pyro_gbnn.elbo.AnalyticKL_ELBO`, which uses :meth:`SparseSubspaceGuide.kl_divergence`
 (over the s active values), not with Pyro's Monte-Carlo ELBOs. A state_dict of the earlier dense
 layout (``masks``, dense ``loc`` / ``rho``) still loads, as slots in flat-index order.
@@ -61,11 +62,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
-from pyro_gbnn.sparse import SparseNormal
 from pyro_gbnn.guides.base import (
     BufferDict, SiteGuide, normal_kl, normal_prior, optimizer_state, site_key, zero_optimizer_state,
 )
 from pyro_gbnn.guides.mean_field import initial_scales, inverse_softplus
+from pyro_gbnn.sparse import SparseNormal
 
 __all__ = ["SparseSubspaceGuide", "SparseNormal", "removal_score", "REMOVAL_CRITERIA", "ADDITION_RULES"]
 
