@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyro
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +185,7 @@ def table_shift(args: argparse.Namespace) -> dict:
         if run not in opened:
             opened[run] = open_run(args.out / "cifar10" / run, args.data_dir)
         bnn, guide = model_after_stage(opened[run], stage)
+        pyro.set_rng_seed(0)  # each model's draws from the same seed: a row does not depend on the rows before it
         samples = 1 if guide is None else args.samples
         scores, clean_probs = {}, None
         for key, dataset in sets.items():
