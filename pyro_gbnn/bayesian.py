@@ -22,14 +22,8 @@ from torch import nn
 
 from pyro_gbnn.likelihoods import Categorical
 from pyro_gbnn.priors import Prior
+from pyro_gbnn.reparameterization import ESTIMATORS, apply_estimator, weight_distribution
 from pyro_gbnn.sparse import SparseNormal, sparse_linear
-from pyro_gbnn.reparameterization import (
-    ESTIMATORS,
-    flipout,
-    local_reparameterized,
-    per_feature,
-    weight_distribution,
-)
 
 __all__ = ["BayesianNetwork", "NORM_LAYERS"]
 
@@ -38,20 +32,6 @@ __all__ = ["BayesianNetwork", "NORM_LAYERS"]
 pyro.settings.set(module_local_params=True)
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-
-
-def _estimated_forward(module, x, op) -> torch.Tensor:
-    weight = module.weight
-    bias = module.bias
-    feature_dim = module.feature_dim
-    q = weight_distribution(weight) if module.estimator != "weight" else None
-    if q is None:
-        out = op(x, weight)
-        return out if bias is None else out + per_feature(bias, feature_dim)
-    if module.estimator == "local":
-        q_bias = weight_distribution(bias) if bias is not None else None
-        return local_reparameterized(op, x, q, q_bias if q_bias is not None else bias, feature_dim=feature_dim)
-    return flipout(op, x, q, weight, bias, feature_dim=feature_dim)
 
 
 class BayesianLinear(PyroModule[nn.Linear]):
@@ -64,10 +44,10 @@ class BayesianLinear(PyroModule[nn.Linear]):
         weight = self.weight
         q = weight_distribution(weight)
         if isinstance(q, SparseNormal) and q.sparse_kernel and (q.draw_values is not None or self.estimator == "local"):
-            return sparse_linear(x, q, weight, self.bias, self.estimator)
+            return sparse_linear(x, q, self.bias, self.estimator)
         if self.estimator == "weight":
             return F.linear(x, weight, self.bias)
-        return _estimated_forward(self, x, F.linear)
+        return apply_estimator(self.estimator, F.linear, x, q, weight, self.bias, feature_dim=self.feature_dim)
 
 
 class BayesianConv2d(PyroModule[nn.Conv2d]):
@@ -90,9 +70,11 @@ class BayesianConv2d(PyroModule[nn.Conv2d]):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
         if self.estimator == "weight":
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return _estimated_forward(self, x, self._op)
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return apply_estimator(self.estimator, self._op, x, weight_distribution(weight), weight, self.bias,
+                               feature_dim=self.feature_dim)
 
 
 _ESTIMATED_LAYERS = {nn.Linear: BayesianLinear, nn.Conv2d: BayesianConv2d}

@@ -34,6 +34,7 @@ __all__ = [
     "weight_distribution",
     "local_reparameterized",
     "flipout",
+    "apply_estimator",
     "per_feature",
     "rademacher",
     "sample_gaussian",
@@ -195,3 +196,25 @@ def flipout(
     if bias is not None:
         out = out + per_feature(bias, feature_dim)
     return out
+
+
+def apply_estimator(
+    estimator: str,
+    op: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    weight: dist.Normal | None,
+    weight_value: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    feature_dim: int,
+) -> torch.Tensor:
+    """``op(x, W) + b`` under ``estimator`` for W = ``weight_value`` drawn from the Normal ``weight``
+    (None when no Normal drew it: the drawn value is used); under ``"local"`` the bias's own
+    Normal, if one drew it, enters the output's mean and variance."""
+    if weight is None or estimator == "weight":
+        out = op(x, weight_value)
+        return out if bias is None else out + per_feature(bias, feature_dim)
+    if estimator == "local":
+        q_bias = weight_distribution(bias) if bias is not None else None
+        return local_reparameterized(op, x, weight, q_bias if q_bias is not None else bias, feature_dim=feature_dim)
+    return flipout(op, x, weight, weight_value, bias, feature_dim=feature_dim)

@@ -18,7 +18,7 @@ import warnings
 import pyro.distributions as dist
 import torch
 
-from pyro_gbnn.reparameterization import per_feature, rademacher, sample_gaussian, weight_distribution
+from pyro_gbnn.reparameterization import apply_estimator
 
 __all__ = ["SparseNormal", "scatter_flat", "sparse_linear"]
 
@@ -44,6 +44,7 @@ class SparseNormal(dist.Normal):
         self.index, self.loc_values, self.scale_values = index, loc_values, scale_values
         self.weight_shape, self.sparse_kernel = torch.Size(shape), sparse_kernel
         self.draw_values: torch.Tensor | None = None
+        self._csr_structure: tuple[torch.Tensor, torch.Tensor] | None = None
         numel = self.weight_shape.numel()
         super().__init__(scatter_flat(loc_values, index, numel).view(shape),
                          scatter_flat(scale_values, index, numel).view(shape), validate_args=False)
@@ -68,37 +69,24 @@ class SparseNormal(dist.Normal):
     def csr(self, values: torch.Tensor) -> torch.Tensor:
         """The [out, in] CSR matrix with ``values`` [s] at the active entries of this 2-D weight."""
         rows, columns = self.weight_shape
-        index = self.index.long()
-        crow = torch.zeros(rows + 1, dtype=torch.long, device=index.device)
-        crow[1:] = torch.bincount(index // columns, minlength=rows).cumsum(0)
+        if self._csr_structure is None:  # row pointers and columns, once for the products of this q
+            index = self.index.long()
+            crow = torch.zeros(rows + 1, dtype=torch.long, device=index.device)
+            crow[1:] = torch.bincount(index // columns, minlength=rows).cumsum(0)
+            self._csr_structure = crow, index % columns
         with warnings.catch_warnings():  # "CSR support is in beta": the products used here are tested
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(crow, index % columns, values, (rows, columns), check_invariants=False)
+            return torch.sparse_csr_tensor(*self._csr_structure, values, (rows, columns), check_invariants=False)
 
 
-def sparse_linear(x: torch.Tensor, q: SparseNormal, weight_value: torch.Tensor, bias: torch.Tensor | None,
-                  estimator: str) -> torch.Tensor:
-    """``F.linear(x, W, b)`` for W ~ ``q`` under ``estimator``, multiplying by the active entries only.
-
-    ``weight_value`` is the draw of W (its active values are ``q.draw_values``); ``bias`` the
-    layer's drawn bias, whose own Normal local reparameterization looks up as the dense layer does.
-    """
-    flat = x.reshape(-1, x.shape[-1])
-
-    def product(values: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+def sparse_linear(x: torch.Tensor, q: SparseNormal, bias: torch.Tensor | None, estimator: str) -> torch.Tensor:
+    """``F.linear(x, W, b)`` for W ~ ``q`` under ``estimator``, multiplying by the active entries only:
+    the dense layer's estimator (:func:`~pyro_gbnn.reparameterization.apply_estimator`) with the
+    CSR product in place of ``F.linear`` and the active entries' Normal and draw (``q.draw_values``)
+    in place of the dense ones; ``bias`` is the layer's drawn bias."""
+    def product(inputs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return (q.csr(values) @ inputs.T).T
 
-    if estimator == "local":
-        mean, var = product(q.loc_values, flat), product(q.scale_values * q.scale_values, flat * flat)
-        q_bias = weight_distribution(bias) if bias is not None else None
-        if q_bias is not None:
-            mean, var, bias = mean + q_bias.loc, var + q_bias.scale * q_bias.scale, None
-        out = sample_gaussian(mean, var)
-    elif estimator == "flipout":
-        mean = product(q.loc_values, flat)
-        perturbation = product(q.draw_values - q.loc_values, flat * rademacher(flat.shape, flat))
-        out = torch.addcmul(mean, perturbation, rademacher(mean.shape, mean))
-    else:
-        out = product(q.draw_values, flat)
-    out = out.reshape(*x.shape[:-1], out.shape[-1])
-    return out if bias is None else out + per_feature(bias, -1)
+    active = dist.Normal(q.loc_values, q.scale_values, validate_args=False)
+    out = apply_estimator(estimator, product, x.reshape(-1, x.shape[-1]), active, q.draw_values, bias, feature_dim=-1)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
