@@ -291,16 +291,16 @@ TINY_VIT = [  # 28x28 images in 7x7 patches: 16 tokens and a class token, one 16
 
 def count_estimator_inputs(monkeypatch, estimator):
     """Record the rank of every input that ``estimator`` ("local_reparameterized" or "flipout") sees."""
-    from pyro_gbnn import bayesian
+    from pyro_gbnn import reparameterization
 
     ranks = []
-    original = getattr(bayesian, estimator)
+    original = getattr(reparameterization, estimator)
 
     def recording(op, x, *args, **kwargs):
         ranks.append(x.dim())
         return original(op, x, *args, **kwargs)
 
-    monkeypatch.setattr(bayesian, estimator, recording)
+    monkeypatch.setattr(reparameterization, estimator, recording)  # what apply_estimator calls
     return ranks
 
 
