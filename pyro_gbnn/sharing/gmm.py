@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from pyro_gbnn import distributed as _dist
 from pyro_gbnn.errors import UsageError
 
 __all__ = ["GMMResult", "fit_gmm_2d", "gmm_log_likelihood", "gmm_assign"]
@@ -211,6 +212,50 @@ class _Frame:
         return means * s + self.center.to(means.dtype), covs * (s[:, None] * s[None, :])
 
 
+class _Shards:
+    """Where this process's points sit among all processes' points, and the collectives a
+    sharded fit needs; one process (``distributed=False``) holds them all.
+
+    Ranks hold contiguous shards in rank order, so point i of the concatenation is known
+    to every rank, and a seeded subsample of the concatenation (the initialisation's,
+    the grid's) is the same on every rank and equal to the single-process one.
+    """
+
+    def __init__(self, n_local: int, distributed: bool) -> None:
+        self.distributed = distributed and _dist.is_distributed()
+        sizes = [int(v) for v in _dist.all_gather_objects(n_local)] if self.distributed else [n_local]
+        self.offset = sum(sizes[: _dist.rank()]) if self.distributed else 0
+        self.n_local, self.total = n_local, sum(sizes)
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        return _dist.all_sum(tensor) if self.distributed else tensor
+
+    def local(self, index: Tensor) -> Tensor:
+        """The entries of global ``index`` held here, as local positions (in ``index``'s order)."""
+        mine = (index >= self.offset) & (index < self.offset + self.n_local)
+        return index[mine] - self.offset
+
+    def subsample(self, u: Tensor, size: int, generator: torch.Generator) -> Tensor:
+        """[2, s]: a seeded random subsample of all ranks' points ``u`` (local [2, n])."""
+        index = _subsample_index(self.total, size, generator, u.device)
+        if not self.distributed:
+            return u[:, index]
+        mine = (index >= self.offset) & (index < self.offset + self.n_local)
+        out = u.new_zeros(2, index.numel())
+        out[:, mine] = u[:, index[mine] - self.offset]
+        return self.sum(out)
+
+    def frame(self, points: Tensor) -> _Frame:
+        """The standardisation of all ranks' points (as :meth:`_Frame.of` of their concatenation)."""
+        if not self.distributed:
+            return _Frame.of(points)
+        x = points.detach().double()
+        center = self.sum(x.sum(0)) / self.total
+        scale = (self.sum(((x - center) ** 2).sum(0)) / self.total).sqrt()
+        fallback = torch.where(center.abs() > 0, center.abs(), torch.ones_like(center))
+        return _Frame(center, torch.where(scale > 0, scale, fallback))
+
+
 # ---------------------------------------------------------------------------------------
 # Component table: per-component constants of the log-density, closed-form 2x2 algebra
 
@@ -291,10 +336,11 @@ class _Grid:
         return self.y_inner.shape[0]
 
     @classmethod
-    def build(cls, u: Tensor, size: int, generator: torch.Generator) -> _Grid:
-        """Grid for standardised points ``u`` ([2, N]) with ``size`` x ``size`` cells."""
+    def build(cls, u: Tensor, size: int, sub: Tensor) -> _Grid:
+        """Grid for standardised points ``u`` ([2, N]) with ``size`` x ``size`` cells whose
+        edges are quantiles of the subsample ``sub`` ([2, S])."""
         device, dtype = u.device, u.dtype
-        sub = u[:, _subsample_index(u.shape[1], _INIT_SUBSAMPLE, generator, device)].double()
+        sub = sub.double()
         q = torch.linspace(0.0, 1.0, size + 1, dtype=torch.float64, device=device)[1:-1]
         x_inner = torch.quantile(sub[0], q).to(dtype)
         col_sub = torch.bucketize(sub[0].to(dtype), x_inner, right=True)
@@ -578,11 +624,15 @@ def _log_tol(dtype: torch.dtype) -> float:
 class _Data:
     """Standardised points, and a copy sorted by the cells of a fine grid for full sweeps."""
 
-    def __init__(self, points: Tensor, compute_dtype: torch.dtype, generator: torch.Generator) -> None:
+    def __init__(
+        self, points: Tensor, compute_dtype: torch.dtype, generator: torch.Generator, shards: _Shards | None = None
+    ) -> None:
         self.points = points.detach()
-        self.frame = _Frame.of(points)
+        self.shards = _Shards(points.shape[0], False) if shards is None else shards
+        self.frame = self.shards.frame(points)
         self.u = self.frame.points(points, compute_dtype)  # [2, N]
-        self.grid = _Grid.build(self.u, _grid_size(self.u.shape[1]), generator)
+        sub = self.shards.subsample(self.u, _INIT_SUBSAMPLE, generator)
+        self.grid = _Grid.build(self.u, _grid_size(self.u.shape[1]), sub)
         self.order, self.cells = self.grid.sort(self.u)
         self.u_sorted = self.u.index_select(1, self.order)
 
@@ -591,10 +641,26 @@ class _Data:
         return self.frame.points(self.points[index], torch.float64)
 
     def sweep(self, table: _Table, want: str, max_points: int, acc_dtype: torch.dtype) -> _Sweep:
-        return _sweep(
+        """An E step over the points; log-likelihood and statistics summed over all ranks."""
+        sweep = _sweep(
             self.u_sorted, self.cells, self.grid, table, want=want, max_points=max_points, acc_dtype=acc_dtype,
             exact_points=lambda index: self.exact(self.order[index]),
         )
+        return _summed(sweep, self.shards, self.u.device)
+
+
+def _summed(sweep: _Sweep, shards: _Shards, device: torch.device) -> _Sweep:
+    """``sweep``'s log-likelihood and statistics summed over all ranks (one all-reduce)."""
+    if not shards.distributed:
+        return sweep
+    if sweep.assignments is not None:
+        raise ValueError("assignments are per point; a sharded sweep sums only log-likelihoods and statistics")
+    flat = torch.tensor([sweep.log_likelihood], dtype=torch.float64, device=device)
+    if sweep.stats is not None:
+        flat = torch.cat([flat, sweep.stats.to(torch.float64).reshape(-1)])
+    flat = shards.sum(flat)
+    stats = flat[1:].reshape(-1, 6).to(sweep.stats.dtype) if sweep.stats is not None else None
+    return sweep._replace(log_likelihood=float(flat[0]), stats=stats)
 
 
 # ---------------------------------------------------------------------------------------
@@ -727,7 +793,7 @@ def _kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
 
 
 def _initialise(
-    u: Tensor, k: int, init: str, reg: float, generator: torch.Generator
+    u: Tensor, k: int, init: str, reg: float, generator: torch.Generator, shards: _Shards
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Weights, means, covariances (float64, standardised) from k-means on a subsample.
 
@@ -738,7 +804,7 @@ def _initialise(
     two points does not start as a spike.
     """
     size = max(_INIT_SUBSAMPLE, 2 * k)
-    x = u[:, _subsample_index(u.shape[1], size, generator, u.device)].t().double()
+    x = shards.subsample(u, size, generator).t().double()
     s = x.shape[0]
     if init == "kmeans++":
         seeding = x[: max(k, _SEEDING_SUBSAMPLE)]  # x is already a random subsample
@@ -789,6 +855,7 @@ def fit_gmm_2d(
     compute_dtype: torch.dtype = torch.float32,
     log_every: int | None = None,
     callback: Callable[[int, float], None] | None = None,
+    distributed: bool = False,
 ) -> GMMResult:
     """Fit a K-component full-covariance Gaussian mixture to 2D points by mini-batch EM.
 
@@ -838,12 +905,20 @@ def fit_gmm_2d(
             the epoch-mode history monotone to ~1e-12.
         log_every: log the log-likelihood at INFO level every this many epochs.
         callback: called as ``callback(epoch, mean_log_likelihood)`` after each epoch.
+        distributed: in a data-parallel run (:mod:`pyro_gbnn.distributed`), ``points`` is
+            this rank's shard, the shards in rank order make up the data, and every rank
+            must call this with the same other arguments. The E steps' log-likelihoods and
+            sufficient statistics are summed over ranks and the subsamples of the
+            initialisation are drawn from all points, so every rank returns the mixture a
+            single process fits to the concatenated points, up to the order of summation.
+            Ignored in a single process.
 
     Returns:
         A :class:`GMMResult` in the units of ``points``, on their device.
     """
     _check_points(points)
-    n = points.shape[0]
+    shards = _Shards(points.shape[0], distributed)
+    n = shards.total
     k = _check_positive_int(num_components, "num_components")
     if k > n:
         raise UsageError(f"num_components must be <= the number of points N={n}, got {k}")
@@ -867,9 +942,9 @@ def fit_gmm_2d(
     reg = float(reg_covar)
 
     generator = torch.Generator().manual_seed(seed)
-    data = _Data(points, compute_dtype, generator)
+    data = _Data(points, compute_dtype, generator, shards)
     log_jac = data.frame.log_jacobian
-    weights, means, covs = _initialise(data.u, k, init, reg, generator)
+    weights, means, covs = _initialise(data.u, k, init, reg, generator, shards)
 
     history: list[float] = []
     converged = False
@@ -897,19 +972,22 @@ def fit_gmm_2d(
         n_iter = len(history) - 1
     else:
         running = _Running(weights * n, means.clone(), covs.clone())
-        grid = _Grid.build(data.u, _grid_size(min(n, batch_size), _BATCH_POINTS_PER_CELL), generator)
+        grid_sample = shards.subsample(data.u, _INIT_SUBSAMPLE, generator)
+        grid = _Grid.build(data.u, _grid_size(min(n, batch_size), _BATCH_POINTS_PER_CELL), grid_sample)
         step = 0
         n_iter = 0
         for epoch in range(max_epochs):
             total = 0.0
             for batch in torch.randperm(n, generator=generator).to(points.device).split(batch_size):
-                u_batch = data.u.index_select(1, batch)
+                local = shards.local(batch)
+                u_batch = data.u.index_select(1, local)
                 order, cells = grid.sort(u_batch)
                 sweep = _sweep(
                     u_batch.index_select(1, order), cells, grid, _table(weights, means, covs),
                     want="stats", max_points=batch_size, acc_dtype=dtype,
-                    exact_points=lambda index, at=batch[order]: data.exact(at[index]),
+                    exact_points=lambda index, at=local[order]: data.exact(at[index]),
                 )
+                sweep = _summed(sweep, shards, data.u.device)
                 total += sweep.log_likelihood
                 running.blend(sweep.stats, means, (step + 2.0) ** -_STEPWISE_POWER, n / batch.shape[0])
                 weights, means, covs = running.params(covs, reg)

@@ -1,0 +1,149 @@
+"""Data-parallel runs on PyTorch's own engine: ``torchrun`` starts the processes,
+``torch.distributed`` connects them (gloo on CPUs, NCCL on GPUs), and
+``DistributedDataParallel`` all-reduces the gradients.
+
+Everything here is a no-op in a single process, so the pipeline calls these functions
+unconditionally and a plain ``python -m pyro_gbnn.fit`` never touches ``torch.distributed``.
+A run is data-parallel when torchrun's ``WORLD_SIZE`` is above 1; rank 0 writes every
+file, all ranks compute.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pyro_gbnn.errors import UsageError
+
+__all__ = [
+    "setup", "teardown", "is_distributed", "rank", "world_size", "is_main", "barrier", "all_sum",
+    "broadcast_object", "all_gather_objects", "shard_range", "data_parallel", "main_first",
+]
+
+T = TypeVar("T")
+
+
+def setup(device: str = "cpu") -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); True if this call joined it.
+
+    gloo for CPU runs, NCCL for ``device="cuda"`` (each process then uses GPU ``LOCAL_RANK``).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    missing = [key for key in ("RANK", "MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
+    if missing:
+        raise UsageError(f"WORLD_SIZE is set but {', '.join(missing)} are not; start data-parallel runs with torchrun")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return True
+
+
+def teardown(joined: bool) -> None:
+    """Leave the process group if :func:`setup` joined it."""
+    if joined and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files and prints (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block before the others do (e.g. to write a cache they then read)."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over ranks, in place (and returned); unchanged in one process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(value: T, src: int = 0) -> T:
+    """Rank ``src``'s ``value`` on every rank (any picklable object)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not is_distributed():
+        return [value]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def shard_range(n: int) -> tuple[int, int]:
+    """This rank's contiguous share [start, stop) of ``n`` items (sizes differ by at most one)."""
+    size, r = world_size(), rank()
+    return r * n // size, (r + 1) * n // size
+
+
+class _StepModule(nn.Module):
+    """Makes a training step the ``forward`` of a module that owns the trained parameters,
+    so ``DistributedDataParallel`` sees the forward pass it synchronises."""
+
+    def __init__(self, trained: nn.Module, step) -> None:
+        super().__init__()
+        self.trained = trained
+        self.step = step
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        return self.step(x, y)
+
+
+def data_parallel(trained: nn.Module, step):
+    """``step`` (``(x, y) -> StepResult``, using ``trained``'s parameters) with gradients
+    averaged over ranks by ``DistributedDataParallel``; ``step`` itself in one process.
+
+    The per-rank loss is the local mini-batch's estimate (the ELBO's likelihood scaled by
+    N / local batch), so the average DDP takes is the estimate of the global batch.
+    Unused parameters are allowed (components a merge retired get no gradient), and rank
+    0's parameters and buffers are copied to every rank when the wrapper is built.
+    """
+    if not is_distributed() or not any(p.requires_grad for p in trained.parameters()):
+        return step
+    device = next(trained.parameters()).device
+    return nn.parallel.DistributedDataParallel(
+        _StepModule(trained, step),
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+    )
