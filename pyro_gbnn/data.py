@@ -31,7 +31,7 @@ import torchvision
 from PIL import Image
 from tqdm.auto import tqdm
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 from torchvision.transforms import v2
 
 try:
@@ -49,6 +49,7 @@ __all__ = [
     "ImageFileDataset",
     "ImageTensorDataset",
     "augmentation_seed",
+    "evaluation_seed",
     "decode_cache_dir",
     "image_for_model",
     "load_dataset",
@@ -68,7 +69,7 @@ _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".
 _CACHE_FOLDER = ".pyro_gbnn_cache"
 _CACHE_VERSION = 1
 _MASK64 = (1 << 64) - 1
-_SHUFFLE_TAG, _AUGMENT_TAG, _WORKER_TAG = 0x5348, 0x4155, 0x574B
+_SHUFFLE_TAG, _AUGMENT_TAG, _WORKER_TAG, _EVALUATE_TAG = 0x5348, 0x4155, 0x574B, 0x4556
 
 
 @dataclass
@@ -111,6 +112,12 @@ def augmentation_seed(seed: int, epoch: int, index: int) -> int:
     Exposed so that a resumed run (or a test) can reproduce one item's augmentation alone.
     """
     return _mix(_AUGMENT_TAG, seed, epoch, index)
+
+
+def evaluation_seed(seed: int, batch: int) -> int:
+    """The seed of the weight draws for evaluation batch ``batch`` of a run seeded with ``seed``:
+    a function of the batch alone, so the draws do not depend on which process scores it."""
+    return _mix(_EVALUATE_TAG, seed, batch)
 
 
 # --------------------------------------------------------------------------- data sets
@@ -719,6 +726,22 @@ class _EpochPermutation(Sampler[int]):
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
+class _ShardedEpochPermutation(DistributedSampler):
+    """Rank ``rank``'s share of the (seed, epoch) permutation, split as ``DistributedSampler``
+    splits its own (padded to a multiple of the ranks, then every ``num_replicas``-th item),
+    so local batch b of all ranks together holds the items of one-process batch b."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(_EpochPermutation(len(self.dataset), self.seed, self.epoch))
+        while len(order) < self.total_size:
+            order += order[: self.total_size - len(order)]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -729,6 +752,8 @@ def make_loader(
     num_workers: int = 0,
     drop_last: bool = False,
     pin_memory: bool = False,
+    num_replicas: int = 1,
+    rank: int = 0,
 ) -> DataLoader:
     """A loader for one epoch whose batches depend only on (seed, epoch), augmentation included.
 
@@ -736,13 +761,22 @@ def make_loader(
     repeats exactly what an uninterrupted run saw, for any `num_workers`. Iterating the
     same loader twice gives the same batches. Data sets other than this module's are
     loaded as they are (their own randomness is not seeded here).
+
+    With ``num_replicas`` > 1 (data-parallel training, ``shuffle=True``), this is rank
+    ``rank``'s shard of the epoch's permutation in batches of ``batch_size`` (the local
+    batch; the global one is ``num_replicas`` times it).
     """
     if batch_size < 1:
         raise UsageError(f"batch_size must be a positive integer, got {batch_size}")
     if num_workers < 0:
         raise UsageError(f"num_workers must be >= 0, got {num_workers}")
     view = _EpochView(dataset, seed, epoch) if isinstance(dataset, _TransformedImages) else dataset
-    sampler = _EpochPermutation(len(dataset), seed, epoch) if shuffle else SequentialSampler(view)
+    if num_replicas > 1 and not shuffle:
+        raise ValueError("a sharded loader shuffles; evaluation shards whole batches instead (see FitRun.evaluate)")
+    if num_replicas > 1:
+        sampler = _ShardedEpochPermutation(dataset, seed, epoch, num_replicas, rank)
+    else:
+        sampler = _EpochPermutation(len(dataset), seed, epoch) if shuffle else SequentialSampler(view)
     # DataLoader draws its workers' base seed from this generator; without one it would
     # consume the global RNG and shift the model's random stream.
     generator = torch.Generator().manual_seed(_mix(_WORKER_TAG, seed, epoch))

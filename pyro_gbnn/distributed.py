@@ -22,7 +22,8 @@ from pyro_gbnn.errors import UsageError
 
 __all__ = [
     "setup", "teardown", "is_distributed", "rank", "world_size", "is_main", "barrier", "all_sum",
-    "broadcast_object", "all_gather_objects", "shard_range", "data_parallel", "main_first",
+    "broadcast_object", "all_gather_objects", "shard_range", "data_parallel", "main_first", "rank_seed",
+    "rng_states", "set_rng_states", "check_saved_world",
 ]
 
 T = TypeVar("T")
@@ -136,8 +137,9 @@ def data_parallel(trained: nn.Module, step):
 
     The per-rank loss is the local mini-batch's estimate (the ELBO's likelihood scaled by
     N / local batch), so the average DDP takes is the estimate of the global batch.
-    Unused parameters are allowed (components a merge retired get no gradient), and rank
-    0's parameters and buffers are copied to every rank when the wrapper is built.
+    Every trained parameter must take part in each step (DDP's default); rank 0's
+    parameters and buffers are copied to every rank when the wrapper is built, and its
+    buffers (BatchNorm statistics) before every step.
     """
     if not is_distributed() or not any(p.requires_grad for p in trained.parameters()):
         return step
@@ -145,5 +147,39 @@ def data_parallel(trained: nn.Module, step):
     return nn.parallel.DistributedDataParallel(
         _StepModule(trained, step),
         device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=True,
     )
+
+
+def rank_seed(seed: int) -> int:
+    """The seed of this rank's random stream: the run's seed on rank 0, derived from it on the
+    others, so a run is reproducible for a fixed number of processes."""
+    return seed + 1_000_003 * rank()
+
+
+def rng_states() -> dict[str, Any]:
+    """Every random-number state a training step reads (:func:`~pyro_gbnn.checkpoint.rng_state`),
+    of every rank (``{"ranks": [...]}``) in a data-parallel run; all ranks must call it."""
+    from pyro_gbnn.checkpoint import rng_state
+
+    if not is_distributed():
+        return rng_state()
+    return {"ranks": all_gather_objects(rng_state())}
+
+
+def check_saved_world(state: dict[str, Any]) -> None:
+    """A one-line error when random states from :func:`rng_states` were saved by another
+    number of processes than this run has (its data shards and streams would differ)."""
+    saved = len(state["ranks"]) if "ranks" in state else 1
+    if saved != world_size():
+        raise UsageError(
+            f"this run was saved by {saved} process(es) and is resumed by {world_size()}; resume it with "
+            f"{'torchrun --nproc_per_node ' + str(saved) if saved > 1 else 'a single process (no torchrun)'}"
+        )
+
+
+def set_rng_states(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned, each rank its own."""
+    from pyro_gbnn.checkpoint import set_rng_state
+
+    check_saved_world(state)
+    set_rng_state(state["ranks"][rank()] if "ranks" in state else state)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from pyro_gbnn import distributed
 from pyro_gbnn.config import DEFAULTS, apply_overrides, dataset_config_file, flatten, load_config, merge
 from pyro_gbnn.errors import DivergedError, UsageError
 from pyro_gbnn.methods import METHODS, method_class
@@ -148,6 +149,8 @@ def _describe(source: Path | None, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    prints = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    joined = False
     try:
         from pyro_gbnn.pipeline import run_fit
 
@@ -158,16 +161,21 @@ def main(argv: list[str] | None = None) -> int:
             differences = resume_differences(args, saved)
             if differences:
                 raise UsageError(f"--resume continues the run in {args.out!r} with its saved settings; these flags differ: {'; '.join(differences)}")
-            print(f"resuming {args.out} with its saved settings", flush=True)
+            joined = distributed.setup(saved.get("device", "cpu"))
+            if prints:
+                print(f"resuming {args.out} with its saved settings", flush=True)
             metrics = run_fit(dict(DEFAULTS), args.out, resume=True, progress=not args.no_progress, data_dir=args.data_dir)
         else:
             config = build_config(args)
             source = base_config_file(args)
-            args.out = args.out or f"runs/{config['dataset']}-{config['method']}-{time.strftime('%Y%m%d-%H%M%S')}"
-            print(f"settings: {_describe(source, args)}; {config['dataset']} / {config['model']} / {config['method']} -> {args.out}", flush=True)
+            joined = distributed.setup(config["device"])  # under torchrun: every rank takes rank 0's default --out
+            args.out = distributed.broadcast_object(args.out or f"runs/{config['dataset']}-{config['method']}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if prints:
+                print(f"settings: {_describe(source, args)}; {config['dataset']} / {config['model']} / {config['method']} -> {args.out}", flush=True)
             metrics = run_fit(config, args.out, progress=not args.no_progress)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if prints:
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         where = f"python -m pyro_gbnn.fit --out {args.out} --resume" if args.out else "nothing was started"
@@ -176,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as err:
         print(f"diverged: {err}", file=sys.stderr)
         return 1
+    finally:
+        distributed.teardown(joined)
+    if not prints:
+        return 0
     print(format_table(metrics))
     summary = {k: metrics[k] for k in FINAL_KEYS if k in metrics}
     print(json.dumps(summary))

@@ -31,11 +31,12 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from pyro_gbnn import distributed
 from pyro_gbnn.bayesian import BayesianNetwork
-from pyro_gbnn.checkpoint import atomic_write_bytes, rng_state, save_checkpoint, set_rng_state
+from pyro_gbnn.checkpoint import atomic_write_bytes, save_checkpoint
 from pyro_gbnn.checkpoint import load_checkpoint as _load_state
 from pyro_gbnn.config import dump_config, with_new_defaults
-from pyro_gbnn.data import DataSplits, load_dataset, make_loader
+from pyro_gbnn.data import DataSplits, evaluation_seed, load_dataset, make_loader
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.likelihoods import Categorical
@@ -116,16 +117,21 @@ class FitRun:
         return len(self.data.train)
 
     def loader(self, split: str, epoch: int = 0):
+        """Batches of ``split`` (the training split shuffled by (seed, epoch)); in a
+        data-parallel run the training batches are this rank's shard of the global batch."""
         data_cfg = self.config["data"]
         dataset = getattr(self.data, split)
         train = split == "train"
+        replicas = distributed.world_size() if train else 1
         return make_loader(
             dataset,
-            data_cfg["batch_size"] if train else data_cfg["eval_batch_size"],
+            data_cfg["batch_size"] // replicas if train else data_cfg["eval_batch_size"],
             shuffle=train,
             seed=self.config["seed"],
             epoch=epoch,
             num_workers=data_cfg["num_workers"],
+            num_replicas=replicas,
+            rank=distributed.rank(),
         )
 
     @property
@@ -138,6 +144,10 @@ class FitRun:
         return net
 
     def save(self, stage: str, epoch: int, states: dict[str, Any]) -> None:
+        """The checkpoint (with every rank's random state; only rank 0 writes it)."""
+        rng = distributed.rng_states()
+        if not distributed.is_main():
+            return
         save_checkpoint(
             self.checkpoint_path,
             {
@@ -149,16 +159,25 @@ class FitRun:
                 "outputs": self.outputs,
                 "stage_time": self.stage_time,
                 "stage_rng": self.stage_rng,
-                "rng": rng_state(),
+                "rng": rng,
             },
         )
 
     def evaluate(self, bnn: nn.Module, guide: nn.Module | None, split: str, num_samples: int) -> dict[str, float]:
-        pred_cfg = self.config["predict"]
-        prediction = predict(
-            bnn, guide, self.loader(split), num_samples=num_samples, sample_chunk=pred_cfg["sample_chunk"]
-        )
-        return classification_metrics(prediction.probs, prediction.labels, n_bins=pred_cfg["ece_bins"])
+        """Metrics of ``split`` under ``num_samples`` weight draws per batch, drawn from seeds
+        of (run seed, batch): evaluating leaves the training's random stream alone, and in a
+        data-parallel run each rank scores every world-size-th batch with the same draws as
+        one process would, so the gathered metrics equal the one-process ones."""
+        pred_cfg, size = self.config["predict"], self.config["data"]["eval_batch_size"]
+        dataset = getattr(self.data, split)
+        mine = list(range(distributed.rank(), -(-len(dataset) // size), distributed.world_size()))
+        items = [i for b in mine for i in range(b * size, min((b + 1) * size, len(dataset)))]
+        shard = dataset if len(items) == len(dataset) else Subset(dataset, items)
+        loader = make_loader(shard, size, shuffle=False, num_workers=self.config["data"]["num_workers"])
+        seeds = [evaluation_seed(self.config["seed"], b) for b in mine]
+        prediction = predict(bnn, guide, loader, num_samples=num_samples, sample_chunk=pred_cfg["sample_chunk"], seeds=seeds)
+        probs, labels = _gathered_batches(mine, prediction.probs, prediction.labels, size)
+        return classification_metrics(probs, labels, n_bins=pred_cfg["ece_bins"])
 
     def finish_stage(
         self,
@@ -190,6 +209,18 @@ class FitRun:
         self.log.write({"stage": stage, "finished": True, "test": self.results[stage]})
 
 
+def _gathered_batches(mine: list[int], probs: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's predictions of its batches ``mine`` put back in batch order."""
+    if not distributed.is_distributed():
+        return probs, labels
+    pieces = {}
+    for batches, p, y in distributed.all_gather_objects((mine, probs, labels)):
+        for i, b in enumerate(batches):
+            pieces[b] = (p[i * size : (i + 1) * size], y[i * size : (i + 1) * size])
+    ordered = [pieces[b] for b in sorted(pieces)]
+    return torch.cat([p for p, _ in ordered]), torch.cat([y for _, y in ordered])
+
+
 def timed_epochs(run: FitRun, stage: str, start_epoch: int, **kwargs) -> None:
     """:func:`~pyro_gbnn.train.train_epochs` with the stage's wall time accumulated across
     resumes and a checkpoint after every epoch: ``save_states()`` gives the stage's state
@@ -217,7 +248,7 @@ def restore_training(resume: dict | None, key: str, module: nn.Module, optimizer
     module.load_state_dict(resume["states"][key])
     optimizer.load_state_dict(resume["states"]["optimizer"])
     schedule.load_state_dict(resume["states"]["schedule"])
-    set_rng_state(resume["rng"])
+    distributed.set_rng_states(resume["rng"])
     return resume["epoch"]
 
 
@@ -398,6 +429,11 @@ def run_fit(
     Runs with ``torch.use_deterministic_algorithms`` on (restored afterwards): the
     shared-mixture guide's gathers back-propagate through scatter-adds whose default CPU
     kernels sum in a thread-dependent order, and a resumed run must match exactly.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel
+    (:mod:`pyro_gbnn.distributed`): ``data.batch_size`` is the global batch, split evenly
+    over the processes; rank 0 writes every file; a run resumes with the number of
+    processes that saved it.
     """
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -420,15 +456,35 @@ def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
         raise UsageError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
     validate_config(config)
     method = _method(config)
+    joined = distributed.setup(config["device"])
+    try:
+        _check_world(config, state)
+        distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
+        return _run_in_folder(config, out, method, state, progress)
+    finally:
+        distributed.teardown(joined)
+
+
+def _check_world(config: dict, state: dict | None) -> None:
+    """One-line errors for a data-parallel run that cannot split its batch or resume here."""
+    world = distributed.world_size()
+    if config["data"]["batch_size"] % world:
+        raise UsageError(f"data.batch_size {config['data']['batch_size']} (the global batch) does not split over {world} processes; use a multiple of {world}")
+    if state is not None:
+        distributed.check_saved_world(state["rng"])
+
+
+def _run_in_folder(config: dict, out: Path, method, state: dict | None, progress: bool | None) -> dict[str, Any]:
     if config["threads"]:
         torch.set_num_threads(int(config["threads"]))
-    pyro.set_rng_seed(config["seed"])
-    data = _load_data(config)
+    pyro.set_rng_seed(distributed.rank_seed(config["seed"]))
+    with distributed.main_first():  # rank 0 fills decode caches that the others then read
+        data = _load_data(config)
     net = _build_net(config, data).to(config["device"])
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if state is None and distributed.is_main():
         atomic_write_bytes(out / "config.yaml", lambda h: h.write(dump_config(config).encode()))
-    tracker = open_tracker(config.get("tracker", "none"), out, config)  # runs saved before trackers existed have none
+    tracker = open_tracker(config.get("tracker", "none") if distributed.is_main() else "none", out, config)  # runs saved before trackers existed have none
     try:
         run = FitRun(config, out, data, config["progress"] if progress is None else progress, tracker=tracker)
         return _run_stages(run, method, net, state)
@@ -446,11 +502,11 @@ def _run_stages(run: FitRun, method, net: nn.Module, state: dict | None) -> dict
             continue
         resume_state = state if state is not None and state["stage"] == stage and state["epoch"] > 0 else None
         if state is not None and resume_state is None:
-            set_rng_state(state["rng"])
+            distributed.set_rng_states(state["rng"])
         method.run_stage(stage, run, net, resume_state)
         if stage not in run.results:
             raise UsageError(f"method {config['method']!r}: stage_{stage} returned without run.finish_stage({stage!r}, ...), so it has no results")
-        run.stage_rng[stage] = rng_state()  # a later run can branch off after this stage exactly
+        run.stage_rng[stage] = distributed.rng_states()  # a later run can branch off after this stage exactly
         run.save(stage, run.results[stage].get("epochs", 0), {})
         state = None
     final = run.results[method.stages[-1]]
@@ -461,7 +517,8 @@ def _run_stages(run: FitRun, method, net: nn.Module, state: dict | None) -> dict
         "method": config["method"],
         "stages": run.results,
     }
-    atomic_write_bytes(run.out / "metrics.json", lambda h: h.write(json.dumps(metrics, indent=2).encode()))
+    if distributed.is_main():
+        atomic_write_bytes(run.out / "metrics.json", lambda h: h.write(json.dumps(metrics, indent=2).encode()))
     from pyro_gbnn.fit import format_table
 
     run.tracker.text("stage_table", format_table(metrics))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pyro_gbnn import distributed
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.errors import DivergedError, UsageError
 
@@ -46,7 +47,8 @@ class StepResult(NamedTuple):
 
 
 class JsonLinesLog:
-    """Append-only JSON-lines log; each record is flushed so a killed run keeps its history."""
+    """Append-only JSON-lines log; each record is flushed so a killed run keeps its history.
+    In a data-parallel run only rank 0 writes."""
 
     def __init__(self, path: str | Path, tracker: Any = None) -> None:
         self.path = Path(path)
@@ -54,6 +56,8 @@ class JsonLinesLog:
         self.tracker = tracker  # a pyro_gbnn.tracking.Tracker that gets every record too
 
     def write(self, record: dict[str, Any]) -> None:
+        if not distributed.is_main():
+            return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.tracker is not None:
@@ -161,8 +165,15 @@ def train_epochs(
 
     A non-finite loss raises :class:`DivergedError` before the optimizer touches the
     parameters, so the last checkpoint stays the last good state.
+
+    In a data-parallel run (:mod:`pyro_gbnn.distributed`) ``batches_for_epoch`` gives this
+    rank's shard, the step runs under ``DistributedDataParallel`` (gradients averaged over
+    ranks), the epoch's totals are summed over ranks, and only rank 0 prints.
     """
     record: dict[str, Any] = {}
+    main = distributed.is_main()
+    progress = progress and main
+    step = distributed.data_parallel(module, step)
     for epoch in range(start_epoch, epochs):
         module.train()
         started = time.perf_counter()
@@ -192,6 +203,7 @@ def train_epochs(
                 extras[key] = extras.get(key, 0.0) + value * n
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
         bar.close()
+        total_loss, correct, seen, extras = _summed_over_ranks(total_loss, correct, seen, extras)
         record = {
             "stage": stage,
             "epoch": epoch + 1,
@@ -206,7 +218,17 @@ def train_epochs(
         if log is not None:
             log.write(record)
         shown = {k: round(v, 4) for k, v in record.get("eval", {}).items() if isinstance(v, float)}
-        tqdm.write(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} train acc {record['train_accuracy']:.4f} eval {shown}")
+        if main:
+            tqdm.write(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} train acc {record['train_accuracy']:.4f} eval {shown}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     return record
+
+
+def _summed_over_ranks(total_loss: float, correct: int, seen: int, extras: dict[str, float]):
+    """An epoch's running totals summed over the ranks of a data-parallel run."""
+    if not distributed.is_distributed():
+        return total_loss, correct, seen, extras
+    keys = sorted(extras)
+    totals = distributed.all_sum(torch.tensor([total_loss, correct, seen, *(extras[k] for k in keys)], dtype=torch.float64))
+    return float(totals[0]), int(totals[1]), int(totals[2]), dict(zip(keys, totals[3:].tolist()))

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyro_gbnn import distributed
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.guides.base import (
     BufferDict, SiteGuide, normal_kl, normal_prior, optimizer_state, site_key, zero_optimizer_state,
@@ -249,6 +250,8 @@ class SparseSubspaceGuide(SiteGuide):
         if self.addition == "gradient" and not grads:
             raise RuntimeError("addition='gradient' needs a backward pass through this guide's forward before "
                                "after_step; call loss.backward() each step (or use addition='random')")
+        if distributed.is_distributed():  # every rank must grow the same weights: the summed gradient
+            grads = {name: distributed.all_sum(grads[name].contiguous()) for name in sorted(grads)}
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         rate = self.replacement_fraction(step)
         for index, name in enumerate(self.site_shapes):

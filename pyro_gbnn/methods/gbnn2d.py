@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pyro_gbnn import distributed
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.checkpoint import atomic_write_bytes
 from pyro_gbnn.elbo import AnalyticKL_ELBO
@@ -26,7 +27,8 @@ __all__ = ["TwoDGBNN", "accumulate_gradients", "sharing_metrics"]
 def accumulate_gradients(
     elbo: AnalyticKL_ELBO, guide: MeanFieldGuide, batches, num_batches: int, dataset_size: int, device="cpu"
 ) -> dict[str, torch.Tensor]:
-    """Mean |d(-ELBO per datum) / d loc| of every weight over ``num_batches`` batches (section 4.1)."""
+    """Mean |d(-ELBO per datum) / d loc| of every weight over ``num_batches`` batches (section 4.1);
+    in a data-parallel run each rank takes ``num_batches`` of its shard and the means are averaged."""
     totals = {name: torch.zeros(shape) for name, shape in guide.site_shapes.items()}
     seen = 0
     for x, y in batches:
@@ -38,7 +40,8 @@ def accumulate_gradients(
             totals[name] += guide.location(name).grad.detach().abs().cpu()
         seen += 1
     elbo.zero_grad(set_to_none=True)
-    return {name: total / max(seen, 1) for name, total in totals.items()}
+    world = distributed.world_size()
+    return {name: distributed.all_sum(total / max(seen, 1)) / world for name, total in totals.items()}
 
 
 def sharing_metrics(plan: SharingPlan) -> dict[str, int]:
@@ -75,8 +78,9 @@ class TwoDGBNN(MeanField):
         gradients = accumulate_gradients(
             elbo, guide, run.loader("train", epoch_after_stage1), section["grad_batches"], run.dataset_size, run.config["device"]
         )
-        plan = build_sharing_plan(guide.posterior_moments(), gradients, _sharing_settings(run))
-        atomic_write_bytes(run.out / "sharing_plan.pt", lambda handle: torch.save(plan.to_state(), handle))
+        plan = build_sharing_plan(guide.posterior_moments(), gradients, _sharing_settings(run), distributed=True)
+        if distributed.is_main():
+            atomic_write_bytes(run.out / "sharing_plan.pt", lambda handle: torch.save(plan.to_state(), handle))
         shared = self._shared_guide(run, bnn, plan)
         run.stage_time["sharing"] = time.perf_counter() - started
         self._finish_shared_stage(run, "sharing", bnn, shared, {"plan": plan.to_state(), "bnn": bnn.state_dict()})

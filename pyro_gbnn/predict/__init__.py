@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from contextlib import contextmanager, nullcontext
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import pyro
 import torch
@@ -89,11 +90,15 @@ def predict(
     sample_chunk: int | None = 10,
     device: torch.device | str | None = None,
     vectorize: bool | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> Prediction:
     """Posterior predictive over a loader: each batch gets its own ``num_samples`` weight draws.
 
     ``guide=None`` evaluates ``bnn`` as a deterministic network. The network is put in
-    eval mode (BatchNorm uses running statistics) and restored afterwards.
+    eval mode (BatchNorm uses running statistics) and restored afterwards. With ``seeds``
+    (one per batch), batch i's draws come from a generator seeded with ``seeds[i]`` and
+    the global random stream is left as it was: the result no longer depends on what ran
+    before, or on which process scores which batch.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -101,10 +106,11 @@ def predict(
     bnn.eval()
     probs, labels, samples = [], [], []
     try:
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
             if device is not None:
                 x = x.to(device)
-            sample_probs = predict_batch(bnn, guide, x, num_samples, sample_chunk, vectorize)
+            with _seeded(seeds[i], x.device) if seeds is not None else nullcontext():
+                sample_probs = predict_batch(bnn, guide, x, num_samples, sample_chunk, vectorize)
             probs.append(sample_probs.mean(0).cpu())
             labels.append(y.cpu())
             if keep_samples:
@@ -114,6 +120,14 @@ def predict(
     return Prediction(
         torch.cat(probs), torch.cat(labels), torch.cat(samples, dim=1) if keep_samples else None
     )
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Torch's random stream seeded with ``seed`` inside the block, restored after it."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 class PredictiveSummary(NamedTuple):

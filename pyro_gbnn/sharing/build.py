@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from pyro_gbnn import distributed as _dist
 from pyro_gbnn.sharing.blending import blend_weights, ellipse_mask, nearest_components
-from pyro_gbnn.sharing.gmm import fit_gmm_2d, gmm_assign
+from pyro_gbnn.sharing.gmm import GMMResult, fit_gmm_2d, gmm_assign
 from pyro_gbnn.sharing.merging import MergeResult, merge_components
 from pyro_gbnn.sharing.outliers import dissolve_small_clusters, outlier_mask
 from pyro_gbnn.sharing.plan import SharingPlan, index_dtype
@@ -64,7 +65,17 @@ class SharingSettings:
         return cls(**values)
 
 
-def _flatten(moments: dict[str, tuple[torch.Tensor, torch.Tensor]], gradients: dict[str, torch.Tensor] | None):
+class _Flat(NamedTuple):
+    """Every weight's mean, standard deviation and |gradient| as flat vectors, site by site."""
+
+    names: list[str]
+    shapes: list[list[int]]
+    loc: torch.Tensor
+    scale: torch.Tensor
+    grad: torch.Tensor | None
+
+
+def _flatten(moments: dict[str, tuple[torch.Tensor, torch.Tensor]], gradients: dict[str, torch.Tensor] | None) -> _Flat:
     names = list(moments)
     loc = torch.cat([moments[n][0].reshape(-1) for n in names]).detach().float().cpu()
     scale = torch.cat([moments[n][1].reshape(-1) for n in names]).detach().float().cpu()
@@ -72,7 +83,7 @@ def _flatten(moments: dict[str, tuple[torch.Tensor, torch.Tensor]], gradients: d
     if gradients is not None:
         grad = torch.cat([gradients[n].reshape(-1) for n in names]).detach().float().cpu().abs()
     shapes = [list(moments[n][0].shape) for n in names]
-    return names, shapes, loc, scale, grad
+    return _Flat(names, shapes, loc, scale, grad)
 
 
 def merge_with_settings(
@@ -115,14 +126,20 @@ def build_sharing_plan(
     moments: dict[str, tuple[torch.Tensor, torch.Tensor]],
     gradients: dict[str, torch.Tensor] | None,
     settings: SharingSettings,
+    distributed: bool = False,
 ) -> SharingPlan:
     """Run stage 2 on per-site (loc, scale) and gradient magnitudes; returns the plan.
 
     The plan's ``report`` records counts and timings of each step and the mixture's mean
     log-likelihood, so a run can be inspected without re-running it.
+
+    ``distributed=True`` in a data-parallel run (every rank passes the same inputs): the
+    mixture is fitted with each rank's share of the points (``fit_gmm_2d(distributed=True)``),
+    the steps after it run on rank 0, and every rank returns rank 0's plan.
     """
     started = time.perf_counter()
-    names, shapes, loc, scale, grad = _flatten(moments, gradients)
+    flat = _flatten(moments, gradients)
+    loc, scale, grad = flat.loc, flat.scale, flat.grad
     n = loc.numel()
     outliers = outlier_mask(loc, grad, settings.tau_w, settings.top_grad_fraction)
     report: dict[str, Any] = {"settings": asdict(settings), "n_weights": n, "n_outliers_initial": int(outliers.sum())}
@@ -131,11 +148,25 @@ def build_sharing_plan(
     points = torch.stack([loc[inlier_pos], scale[inlier_pos]], -1).double()
     k = min(settings.num_components, max(1, points.shape[0]))
     t0 = time.perf_counter()
+    start, stop = _dist.shard_range(points.shape[0]) if distributed else (0, points.shape[0])
     gmm = fit_gmm_2d(
-        points, k, batch_size=settings.gmm_batch_size, max_epochs=settings.gmm_max_epochs,
-        tol=settings.gmm_tol, seed=settings.seed, mode=settings.gmm_mode,
+        points[start:stop], k, batch_size=settings.gmm_batch_size, max_epochs=settings.gmm_max_epochs,
+        tol=settings.gmm_tol, seed=settings.seed, mode=settings.gmm_mode, distributed=distributed,
     )
     report.update(gmm_time_s=time.perf_counter() - t0, gmm_mean_log_likelihood=gmm.mean_log_likelihood, gmm_epochs=gmm.n_iter, n_gaussians_initial=k)
+    if not distributed:
+        return _plan_from_mixture(flat, outliers, inlier_pos, points, gmm, settings, report, started)
+    plan = _plan_from_mixture(flat, outliers, inlier_pos, points, gmm, settings, report, started) if _dist.is_main() else None
+    return _dist.broadcast_object(plan)
+
+
+def _plan_from_mixture(
+    flat: _Flat, outliers: torch.Tensor, inlier_pos: torch.Tensor, points: torch.Tensor, gmm: GMMResult,
+    settings: SharingSettings, report: dict[str, Any], started: float,
+) -> SharingPlan:
+    """Stage 2 after the mixture fit: assign, dissolve, merge, blend, and the plan."""
+    loc, scale, grad = flat.loc, flat.scale, flat.grad
+    k = gmm.weights.shape[0]
     assign, _ = gmm_assign(points, gmm.weights, gmm.means, gmm.covs, settings.gmm_batch_size)
 
     keep, kept, remap = dissolve_small_clusters(assign, k, settings.min_cluster_size)
@@ -174,8 +205,8 @@ def build_sharing_plan(
 
     outlier_pos = outliers.nonzero().squeeze(-1)
     plan = SharingPlan(
-        site_names=names,
-        site_shapes=shapes,
+        site_names=flat.names,
+        site_shapes=flat.shapes,
         means=means.float(),
         covs=covs.float(),
         counts=counts.float(),
