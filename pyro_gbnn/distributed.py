@@ -88,9 +88,15 @@ def main_first() -> Iterator[None]:
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed over ranks, in place (and returned); unchanged in one process."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """``tensor`` summed over ranks, in place (and returned); unchanged in one process.
+    NCCL reduces GPU tensors only, so a CPU tensor goes through this rank's GPU there."""
+    if not is_distributed():
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+        return tensor.copy_(staged)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 

@@ -225,16 +225,22 @@ def test_2dgbnn_runs_every_stage_under_two_processes_and_only_rank_0_writes(fake
     ]
 
 
-@pytest.mark.parametrize("kill_at_step", [5, 13])
-def test_a_killed_two_process_run_resumes_to_the_uninterrupted_metrics(fake_mnist, tmp_path, kill_at_step):
+@pytest.mark.parametrize("kill_at_step, resume_with", [(5, "spawn"), (13, "torchrun")])
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_metrics(fake_mnist, tmp_path, kill_at_step, resume_with):
     """Killed mid-epoch (4 steps an epoch: after 5 steps in stage 0's second epoch, after
-    13 in stage 1's second),
-    then resumed by two processes from rank 0's checkpoint: the uninterrupted run's metrics."""
-    config = tiny_config(fake_mnist, "mean-field")
+    13 in stage 1's second), then resumed by two processes from rank 0's checkpoint (the
+    second time by ``torchrun ... -m pyro_gbnn.fit --out DIR --resume``): the
+    uninterrupted run's metrics."""
+    config = tiny_config(fake_mnist, "mean-field", ("threads=1",))
     spawn(_fit, config, tmp_path / "whole")
     spawn(_fit, config, tmp_path / "killed", kill_at_step)
     assert not (tmp_path / "killed" / "metrics.json").exists()
-    spawn(_resume, tmp_path / "killed")
+    if resume_with == "spawn":
+        spawn(_resume, tmp_path / "killed")
+    else:
+        done = _torchrun("--out", str(tmp_path / "killed"), "--resume")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("resuming") == 1
     resumed, whole = _metrics(tmp_path / "killed"), _metrics(tmp_path / "whole")
     for metrics in (resumed, whole):
         for result in metrics["stages"].values():
@@ -281,18 +287,74 @@ def test_bad_world_sizes_are_one_line_errors(fake_mnist, tmp_path):
         spawn(_resume, tmp_path / "one")
 
 
-def test_torchrun_runs_the_command_line(fake_mnist, tmp_path):
-    """``torchrun --nproc_per_node 2 -m pyro_gbnn.fit``: exit 0, one table (rank 0 prints)."""
+def _torchrun(*fit_args: str):
+    """``torchrun --nproc_per_node 2 -m pyro_gbnn.fit FIT_ARGS``, finished."""
     import subprocess
     import sys
 
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        "-m", "pyro_gbnn.fit", "--dataset", "mnist", "--method", "mean-field", "--data-dir", str(fake_mnist),
-        "--out", str(tmp_path / "run"), *(arg for item in TINY for arg in ("--set", item)), "--set", "threads=1",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "pyro_gbnn.fit", *fit_args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_runs_the_command_line(fake_mnist, tmp_path):
+    """``torchrun --nproc_per_node 2 -m pyro_gbnn.fit``: exit 0, one table (rank 0 prints)."""
+    done = _torchrun(
+        "--dataset", "mnist", "--method", "mean-field", "--data-dir", str(fake_mnist), "--out", str(tmp_path / "run"),
+        *(arg for item in TINY for arg in ("--set", item)), "--set", "threads=1",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("wrote ") == 1
     assert done.stdout.count("mean_field epoch 2/2") == 1
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def _fit_recording_outputs(config: dict, out: Path, record: Path) -> None:
+    """``run_fit``, each rank saving every finished stage's outputs (its trained state)."""
+    from pyro_gbnn import pipeline
+
+    original = pipeline.FitRun.finish_stage
+
+    def finish_stage(self, stage, *args, **kwargs):
+        original(self, stage, *args, **kwargs)
+        torch.save(self.outputs[stage], record / f"{stage}-rank{distributed.rank()}.pt")
+
+    pipeline.FitRun.finish_stage = finish_stage
+    pipeline.run_fit(config, out)
+
+
+METHODS = {  # method: (settings, the stages that hand on trained state)
+    "2dgbnn": ([], ["deterministic", "fine_tune", "mean_field", "sharing"]),
+    "spike-slab": (["spike_slab.epochs=2", "spike_slab.eval_samples=2", "spike_slab.prior_inclusion=0.1", "prune.epochs=1"],
+                   ["deterministic", "prune", "spike_slab"]),
+    "ssvi": (["ssvi.epochs=2", "ssvi.eval_samples=2", "ssvi.density=0.2", "ssvi.update_every=2", "ssvi.kl_warmup_epochs=1"], ["ssvi"]),
+    "int8": (["int8.scale_bits=[8, 2]"], ["deterministic", "mean_field"]),  # quantize trains nothing
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_rank_ends_each_stage_with_the_same_state(fake_mnist, tmp_path, method):
+    """Each method's stages under two processes: the state each stage hands on (networks,
+    guides, SSVI's active sets after removal and growth, spike-and-slab's pruning, the
+    sharing plan) is identical on both ranks, so rank 0's checkpoint is everyone's."""
+    settings, trained = METHODS[method]
+    spawn(_fit_recording_outputs, tiny_config(fake_mnist, method, tuple(settings)), tmp_path / "run", tmp_path)
+    assert sorted({p.name.rsplit("-rank", 1)[0] for p in tmp_path.glob("*-rank0.pt")}) == trained
+    for stage in trained:
+        ours, theirs = (torch.load(tmp_path / f"{stage}-rank{r}.pt", weights_only=False) for r in range(2))
+        _assert_same(ours, theirs, stage)
+    assert _metrics(tmp_path / "run")["method"] == method
+
+
+def _assert_same(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
