@@ -154,10 +154,9 @@ def build_sharing_plan(
         tol=settings.gmm_tol, seed=settings.seed, mode=settings.gmm_mode, distributed=distributed,
     )
     report.update(gmm_time_s=time.perf_counter() - t0, gmm_mean_log_likelihood=gmm.mean_log_likelihood, gmm_epochs=gmm.n_iter, n_gaussians_initial=k)
-    if not distributed:
-        return _plan_from_mixture(flat, outliers, inlier_pos, points, gmm, settings, report, started)
-    plan = _plan_from_mixture(flat, outliers, inlier_pos, points, gmm, settings, report, started) if _dist.is_main() else None
-    return _dist.broadcast_object(plan)
+    builds_here = not distributed or _dist.is_main()
+    plan = _plan_from_mixture(flat, outliers, inlier_pos, points, gmm, settings, report, started) if builds_here else None
+    return _dist.broadcast_object(plan) if distributed else plan
 
 
 def _plan_from_mixture(

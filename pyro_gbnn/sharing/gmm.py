@@ -188,9 +188,13 @@ class _Frame:
         x = points.detach().double()
         center = x.mean(0)
         scale = x.std(0, correction=0) if x.shape[0] > 1 else torch.zeros_like(center)
+        return cls.with_spread(center, scale)
+
+    @classmethod
+    def with_spread(cls, center: Tensor, scale: Tensor) -> _Frame:
+        """The frame of a data set with this mean and standard deviation (zero spread: see above)."""
         fallback = torch.where(center.abs() > 0, center.abs(), torch.ones_like(center))
-        scale = torch.where(scale > 0, scale, fallback)
-        return cls(center, scale)
+        return cls(center, torch.where(scale > 0, scale, fallback))
 
     @property
     def log_jacobian(self) -> float:
@@ -230,19 +234,21 @@ class _Shards:
     def sum(self, tensor: Tensor) -> Tensor:
         return _dist.all_sum(tensor) if self.distributed else tensor
 
+    def held(self, index: Tensor) -> Tensor:
+        """Which entries of global ``index`` this rank holds (bool, ``index``'s shape)."""
+        return (index >= self.offset) & (index < self.offset + self.n_local)
+
     def local(self, index: Tensor) -> Tensor:
         """The entries of global ``index`` held here, as local positions (in ``index``'s order)."""
-        mine = (index >= self.offset) & (index < self.offset + self.n_local)
-        return index[mine] - self.offset
+        return index[self.held(index)] - self.offset
 
     def subsample(self, u: Tensor, size: int, generator: torch.Generator) -> Tensor:
         """[2, s]: a seeded random subsample of all ranks' points ``u`` (local [2, n])."""
         index = _subsample_index(self.total, size, generator, u.device)
         if not self.distributed:
             return u[:, index]
-        mine = (index >= self.offset) & (index < self.offset + self.n_local)
         out = u.new_zeros(2, index.numel())
-        out[:, mine] = u[:, index[mine] - self.offset]
+        out[:, self.held(index)] = u[:, self.local(index)]
         return self.sum(out)
 
     def frame(self, points: Tensor) -> _Frame:
@@ -252,8 +258,7 @@ class _Shards:
         x = points.detach().double()
         center = self.sum(x.sum(0)) / self.total
         scale = (self.sum(((x - center) ** 2).sum(0)) / self.total).sqrt()
-        fallback = torch.where(center.abs() > 0, center.abs(), torch.ones_like(center))
-        return _Frame(center, torch.where(scale > 0, scale, fallback))
+        return _Frame.with_spread(center, scale)
 
 
 # ---------------------------------------------------------------------------------------
