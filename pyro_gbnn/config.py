@@ -63,8 +63,11 @@ DEFAULTS: dict[str, Any] = {
     "method": "mean-field",
     "seed": 0,
     "init_from": None,
-    "device": "cpu",
+    "device": "auto",  # the GPU when torch sees one (torchrun: the local rank's), else the CPU; or cpu, cuda, cuda:N
     "threads": None,
+    # Training arithmetic: fp32, or bf16 / fp16 autocast for the network's forward and backward
+    # (parameters, KL and stage 2 stay fp32; fp16 adds a gradient scaler). bf16 wants a GPU that has it.
+    "precision": "fp32",
     "progress": True,
     "tracker": "none",  # also log to "tensorboard" or "mlflow" (pyro_gbnn.tracking)
     "data": {

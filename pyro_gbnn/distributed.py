@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pyro_gbnn.devices import resolve_device
 from pyro_gbnn.errors import UsageError
 
 __all__ = [
@@ -29,10 +30,11 @@ __all__ = [
 T = TypeVar("T")
 
 
-def setup(device: str = "cpu") -> bool:
+def setup(device: str | torch.device = "auto") -> bool:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1); True if this call joined it.
 
-    gloo for CPU runs, NCCL for ``device="cuda"`` (each process then uses GPU ``LOCAL_RANK``).
+    gloo for CPU runs, NCCL for a CUDA device (``auto`` on a GPU machine, ``cuda``: each
+    process then uses GPU ``LOCAL_RANK``, see :func:`~pyro_gbnn.devices.resolve_device`).
     """
     if dist.is_available() and dist.is_initialized():
         return False
@@ -41,9 +43,10 @@ def setup(device: str = "cpu") -> bool:
     missing = [key for key in ("RANK", "MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
     if missing:
         raise UsageError(f"WORLD_SIZE is set but {', '.join(missing)} are not; start data-parallel runs with torchrun")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return True
 
 

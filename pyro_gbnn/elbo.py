@@ -40,7 +40,7 @@ class ELBOTerms(NamedTuple):
 
 def trace_kl(model_trace, guide_trace) -> torch.Tensor:
     """Sum over latent model sites of KL(q || p), closed form where registered, else one sample."""
-    total = torch.zeros(())
+    total = 0.0
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
             continue
@@ -53,7 +53,7 @@ def trace_kl(model_trace, guide_trace) -> torch.Tensor:
         except NotImplementedError:
             kl = q.log_prob(q_site["value"]).sum() - p.log_prob(site["value"]).sum()
         total = total + kl * site["scale"]
-    return total
+    return torch.as_tensor(total)
 
 
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
@@ -108,7 +108,8 @@ class AnalyticKL_ELBO(nn.Module):
             if site["type"] == "sample" and site["is_observed"]
         )
         guide_kl = getattr(self.guide, "kl_divergence", None)
-        kl = guide_kl(self.bnn) if guide_kl is not None else trace_kl(model_trace, guide_trace)
+        with torch.autocast(getattr(x, "device", torch.device("cpu")).type, enabled=False):  # under mixed precision the KL stays fp32
+            kl = guide_kl(self.bnn) if guide_kl is not None else trace_kl(model_trace, guide_trace)
         return ELBOTerms(log_likelihood, kl, model_trace.nodes["logits"]["value"])
 
     def terms(self, x: torch.Tensor, y: torch.Tensor) -> ELBOTerms:

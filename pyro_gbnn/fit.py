@@ -22,6 +22,7 @@ import yaml
 
 from pyro_gbnn import distributed
 from pyro_gbnn.config import DEFAULTS, apply_overrides, dataset_config_file, flatten, load_config, merge
+from pyro_gbnn.devices import describe_device, resolve_device
 from pyro_gbnn.errors import DivergedError, UsageError
 from pyro_gbnn.methods import METHODS, method_class
 from pyro_gbnn.pipeline import FINAL_KEYS
@@ -161,17 +162,19 @@ def main(argv: list[str] | None = None) -> int:
             differences = resume_differences(args, saved)
             if differences:
                 raise UsageError(f"--resume continues the run in {args.out!r} with its saved settings; these flags differ: {'; '.join(differences)}")
-            joined = distributed.setup(saved.get("device", "cpu"))
+            device = resolve_device(saved.get("device", "auto"))
+            joined = distributed.setup(device)
             if prints:
-                print(f"resuming {args.out} with its saved settings", flush=True)
+                print(f"resuming {args.out} with its saved settings on {describe_device(device)}", flush=True)
             metrics = run_fit(dict(DEFAULTS), args.out, resume=True, progress=not args.no_progress, data_dir=args.data_dir)
         else:
             config = build_config(args)
             source = base_config_file(args)
-            joined = distributed.setup(config["device"])  # under torchrun: every rank takes rank 0's default --out
+            device = resolve_device(config["device"])
+            joined = distributed.setup(device)  # under torchrun: every rank takes rank 0's default --out
             args.out = distributed.broadcast_object(args.out or f"runs/{config['dataset']}-{config['method']}-{time.strftime('%Y%m%d-%H%M%S')}")
             if prints:
-                print(f"settings: {_describe(source, args)}; {config['dataset']} / {config['model']} / {config['method']} -> {args.out}", flush=True)
+                print(f"settings: {_describe(source, args)}; {config['dataset']} / {config['model']} / {config['method']} on {describe_device(device)} -> {args.out}", flush=True)
             metrics = run_fit(config, args.out, progress=not args.no_progress)
     except UsageError as err:
         if prints:

@@ -32,11 +32,13 @@ from torch import nn
 from torch.utils.data import Subset
 
 from pyro_gbnn import distributed
+from pyro_gbnn.allocator import keep_freed_memory
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.checkpoint import atomic_write_bytes, save_checkpoint
 from pyro_gbnn.checkpoint import load_checkpoint as _load_state
 from pyro_gbnn.config import dump_config, with_new_defaults
 from pyro_gbnn.data import DataSplits, evaluation_seed, load_dataset, make_loader
+from pyro_gbnn.devices import resolve_device
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.likelihoods import Categorical
@@ -44,6 +46,7 @@ from pyro_gbnn.metrics import classification_metrics
 from pyro_gbnn.models import build_model
 from pyro_gbnn.predict import predict
 from pyro_gbnn.registry import build_prior
+from pyro_gbnn.run_info import run_environment
 from pyro_gbnn.tracking import Tracker, open_tracker
 from pyro_gbnn.train import JsonLinesLog, elbo_step, make_lr_schedule, make_optimizer, train_epochs
 from pyro_gbnn.validation import validate_config
@@ -103,6 +106,11 @@ class FitRun:
     stage_time: dict[str, float] = field(default_factory=dict)
     stage_rng: dict[str, dict] = field(default_factory=dict)
     tracker: Tracker = field(default_factory=Tracker)
+    device: torch.device | None = None  # where the run computes; None: resolved from config["device"]
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            self.device = resolve_device(self.config["device"])
 
     @property
     def checkpoint_path(self) -> Path:
@@ -130,6 +138,7 @@ class FitRun:
             seed=self.config["seed"],
             epoch=epoch,
             num_workers=data_cfg["num_workers"],
+            pin_memory=self.device.type == "cuda",
             num_replicas=replicas,
             rank=distributed.rank(),
         )
@@ -173,7 +182,7 @@ class FitRun:
         mine = list(range(distributed.rank(), -(-len(dataset) // size), distributed.world_size()))
         items = [i for b in mine for i in range(b * size, min((b + 1) * size, len(dataset)))]
         shard = dataset if len(items) == len(dataset) else Subset(dataset, items)
-        loader = make_loader(shard, size, shuffle=False, num_workers=self.config["data"]["num_workers"])
+        loader = make_loader(shard, size, shuffle=False, num_workers=self.config["data"]["num_workers"], pin_memory=self.device.type == "cuda")
         seeds = [evaluation_seed(self.config["seed"], b) for b in mine]
         prediction = predict(bnn, guide, loader, num_samples=num_samples, sample_chunk=pred_cfg["sample_chunk"], seeds=seeds)
         probs, labels = _gathered_batches(mine, prediction.probs, prediction.labels, size)
@@ -237,7 +246,8 @@ def timed_epochs(run: FitRun, stage: str, start_epoch: int, **kwargs) -> None:
         clock[0] = now
         run.save(stage, epoch, save_states())
 
-    train_epochs(stage, start_epoch=start_epoch, on_epoch_end=on_epoch_end, log=run.log, progress=run.progress, device=run.config["device"], **kwargs)
+    train_epochs(stage, start_epoch=start_epoch, on_epoch_end=on_epoch_end, log=run.log, progress=run.progress, device=run.device,
+                 precision=run.config["precision"], **kwargs)
     run.stage_time[stage] = run.stage_time.get(stage, 0.0) + time.perf_counter() - clock[0]
 
 
@@ -344,7 +354,7 @@ def model_after_stage(run: FitRun, stage: str | None = None) -> tuple[nn.Module,
     stage = stage or method.stages[-1]
     if stage not in run.results:
         raise UsageError(f"the run in {str(run.out)!r} has not finished stage {stage!r}; resume it with --resume first")
-    net = _build_net(run.config, run.data).to(run.config["device"])
+    net = _build_net(run.config, run.data).to(run.device)
     return method.model_after(stage, run, net)
 
 
@@ -435,6 +445,7 @@ def run_fit(
     over the processes; rank 0 writes every file; a run resumes with the number of
     processes that saved it.
     """
+    keep_freed_memory()  # glibc: reuse freed activation buffers instead of faulting them in every step
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -480,13 +491,14 @@ def _run_in_folder(config: dict, out: Path, method, state: dict | None, progress
     pyro.set_rng_seed(distributed.rank_seed(config["seed"]))
     with distributed.main_first():  # rank 0 fills decode caches that the others then read
         data = _load_data(config)
-    net = _build_net(config, data).to(config["device"])
+    device = resolve_device(config["device"])
+    net = _build_net(config, data).to(device)
     out.mkdir(parents=True, exist_ok=True)
     if state is None and distributed.is_main():
         atomic_write_bytes(out / "config.yaml", lambda h: h.write(dump_config(config).encode()))
     tracker = open_tracker(config.get("tracker", "none") if distributed.is_main() else "none", out, config)  # runs saved before trackers existed have none
     try:
-        run = FitRun(config, out, data, config["progress"] if progress is None else progress, tracker=tracker)
+        run = FitRun(config, out, data, config["progress"] if progress is None else progress, tracker=tracker, device=device)
         return _run_stages(run, method, net, state)
     finally:
         tracker.close()
@@ -515,6 +527,7 @@ def _run_stages(run: FitRun, method, net: nn.Module, state: dict | None) -> dict
         "dataset": config["dataset"],
         "model": config["model"],
         "method": config["method"],
+        "run": run_environment(run.device, config["precision"]),
         "stages": run.results,
     }
     if distributed.is_main():

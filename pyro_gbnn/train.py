@@ -2,8 +2,8 @@
 
 A stage is a ``step(x, y) -> StepResult`` function plus an optimizer; :func:`train_epochs`
 runs it for whole epochs, evaluates after each, logs JSON lines and hands each finished
-epoch to a callback (which writes the checkpoint). Nothing here knows about Pyro, so the
-deterministic, mean-field and later stages train through the same code.
+epoch to a callback (which writes the checkpoint). The deterministic, mean-field and later
+stages train through the same loop; only :func:`elbo_step` knows about the ELBO.
 """
 
 from __future__ import annotations
@@ -36,14 +36,18 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("multistep", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SYNC_EVERY = 50  # steps between the host's reads of the running totals (progress bar, divergence)
 
 
 class StepResult(NamedTuple):
-    """What one optimisation step reports: the loss it minimised (per datum) and the logits."""
+    """What one optimisation step reports: the loss it minimised (per datum), the logits and
+    extra per-datum values to average over the epoch (tensors stay on the device: reading
+    them would synchronise it with the host every step)."""
 
     loss: torch.Tensor
     logits: torch.Tensor
-    extra: dict[str, float]
+    extra: dict[str, torch.Tensor | float]
 
 
 class JsonLinesLog:
@@ -128,9 +132,9 @@ def elbo_step(
     def step(x: torch.Tensor, y: torch.Tensor) -> StepResult:
         terms = elbo.terms(x, y)
         beta = 1.0 if kl_weight is None else kl_weight()
-        extra = {
-            "nll": float(-terms.expected_log_likelihood.detach()) / dataset_size,
-            "kl": float(terms.kl.detach()) / dataset_size,
+        extra: dict[str, torch.Tensor | float] = {
+            "nll": -terms.expected_log_likelihood.detach() / dataset_size,
+            "kl": terms.kl.detach() / dataset_size,
         }
         if kl_weight is not None:
             extra["kl_weight"] = beta
@@ -156,15 +160,21 @@ def train_epochs(
     progress: bool = True,
     device: torch.device | str = "cpu",
     after_step: Callable[[], None] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Train epochs ``start_epoch .. epochs-1``; returns the last epoch's record.
 
     ``after_step()`` runs after every optimizer step (a guide's closed-form updates).
     ``progress`` shows a bar during each epoch; one line per finished epoch is printed
-    either way.
+    either way. ``precision`` (:data:`PRECISIONS`): ``bf16``/``fp16`` run the step under
+    autocast (the network's forward and backward in half precision; parameters, the KL
+    and the optimizer stay fp32), ``fp16`` with a gradient scaler.
 
-    A non-finite loss raises :class:`DivergedError` before the optimizer touches the
-    parameters, so the last checkpoint stays the last good state.
+    The epoch's running totals stay on ``device``; the host reads them every
+    :data:`SYNC_EVERY` steps (for the bar) and at the end of the epoch, so a GPU is not
+    made to wait for the host after every step. A non-finite loss is seen at the next
+    such read and raises :class:`DivergedError` before the epoch's checkpoint is
+    written, so the last checkpoint stays the last good state.
 
     In a data-parallel run (:mod:`pyro_gbnn.distributed`) ``batches_for_epoch`` gives this
     rank's shard, the step runs under ``DistributedDataParallel`` (gradients averaged over
@@ -173,37 +183,34 @@ def train_epochs(
     record: dict[str, Any] = {}
     main = distributed.is_main()
     progress = progress and main
+    device = torch.device(device)
     step = distributed.data_parallel(module, step)
+    autocast = _autocast(device, precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     for epoch in range(start_epoch, epochs):
         module.train()
         started = time.perf_counter()
-        total_loss, correct, seen, extras = 0.0, 0, 0, {}
+        totals = _EpochTotals(device)
         batches = batches_for_epoch(epoch)
         bar = tqdm(batches, desc=f"{stage} {epoch + 1}/{epochs}", disable=not progress, leave=False, dynamic_ncols=True)
-        for x, y in bar:
-            x, y = x.to(device), y.to(device)
-            result = step(x, y)
-            loss = float(result.loss.detach())
-            if not math.isfinite(loss):
-                raise DivergedError(
-                    f"{stage}: loss became {loss} in epoch {epoch + 1}; lower the learning rate "
-                    f"({stage}.lr) or check the data; the last checkpoint is kept"
-                )
+        for i, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                result = step(x, y)
+            totals.add(result, y)
             optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            optimizer.step()
+            scaler.scale(result.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             if after_step is not None:
                 after_step()
             schedule.step()
-            n = y.shape[0]
-            seen += n
-            total_loss += loss * n
-            correct += int((result.logits.detach().argmax(-1) == y).sum())
-            for key, value in result.extra.items():
-                extras[key] = extras.get(key, 0.0) + value * n
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+            if (i + 1) % SYNC_EVERY == 0:
+                totals.check_finite(stage, epoch)
+                bar.set_postfix(loss=f"{totals.mean_loss():.4f}", acc=f"{totals.accuracy():.4f}")
         bar.close()
-        total_loss, correct, seen, extras = _summed_over_ranks(total_loss, correct, seen, extras)
+        totals.check_finite(stage, epoch)
+        total_loss, correct, seen, extras = _summed_over_ranks(*totals.read())
         record = {
             "stage": stage,
             "epoch": epoch + 1,
@@ -223,6 +230,50 @@ def train_epochs(
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     return record
+
+
+def _autocast(device: torch.device, precision: str):
+    """The autocast context of ``precision`` on ``device`` (disabled for fp32)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+class _EpochTotals:
+    """An epoch's loss, correct predictions and extras, summed on the device (float64)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = 0
+        self.extras: dict[str, torch.Tensor | float] = {}
+
+    def add(self, result: StepResult, y: torch.Tensor) -> None:
+        n = y.shape[0]
+        self.seen += n
+        self.loss += result.loss.detach().double() * n
+        self.correct += (result.logits.detach().argmax(-1) == y).sum()
+        for key, value in result.extra.items():
+            value = value.double() if torch.is_tensor(value) else value
+            self.extras[key] = self.extras.get(key, 0.0) + value * n
+
+    def check_finite(self, stage: str, epoch: int) -> None:
+        loss = float(self.loss)
+        if not math.isfinite(loss):
+            raise DivergedError(
+                f"{stage}: loss became {loss} in epoch {epoch + 1}; lower the learning rate "
+                f"({stage}.lr) or check the data; the last checkpoint is kept"
+            )
+
+    def mean_loss(self) -> float:
+        return float(self.loss) / max(self.seen, 1)
+
+    def accuracy(self) -> float:
+        return int(self.correct) / max(self.seen, 1)
+
+    def read(self) -> tuple[float, int, int, dict[str, float]]:
+        return float(self.loss), int(self.correct), self.seen, {k: float(v) for k, v in self.extras.items()}
 
 
 def _summed_over_ranks(total_loss: float, correct: int, seen: int, extras: dict[str, float]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from pyro_gbnn.devices import resolve_device
 from pyro_gbnn.errors import UsageError
 
 __all__ = ["validate_config"]
@@ -83,13 +84,14 @@ def _rules() -> dict[str, Check]:
     from pyro_gbnn.sharing.gaussians import MERGE_RULES
     from pyro_gbnn.sharing.gmm import _MODES as GMM_MODES
     from pyro_gbnn.tracking import TRACKERS
-    from pyro_gbnn.train import OPTIMIZERS, SCHEDULES
+    from pyro_gbnn.train import OPTIMIZERS, PRECISIONS, SCHEDULES
 
     rules: dict[str, Check] = {
         "dataset": _choice(DATASETS),
         "model": _choice(MODELS),
         "seed": _integer(0),
         "threads": _integer(1, none=True),
+        "precision": _choice(PRECISIONS),
         "progress": _boolean,
         "tracker": _choice(TRACKERS),
         "data.download": _boolean,
@@ -180,20 +182,6 @@ def _lookup(config: dict, path: str) -> tuple[bool, Any]:
     return True, node
 
 
-def _check_device(device: Any) -> None:
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UsageError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(parsed.type, True)
-    if not available:
-        raise UsageError(f"device {device!r} is not available on this machine; use --set device=cpu")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise UsageError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
 def validate_config(config: dict) -> None:
     """Raise a one-line :class:`UsageError` at the first setting of ``config`` that is out of
     type or range, names an unknown choice, asks for a missing device, or would be ignored."""
@@ -205,7 +193,7 @@ def validate_config(config: dict) -> None:
                 raise UsageError(f"unknown {path} {value!r}; use {problem}")
             if problem is not None:
                 raise UsageError(f"{path} must be {problem}, got {value!r}")
-    _check_device(config["device"])
+    resolve_device(config["device"])
     from pyro_gbnn.methods import resolve_method
 
     resolve_method(config["method"], config.get("method_args")).check_config(config)  # runs saved before method_args had none

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyro
 import pytest
 import torch
 
@@ -128,7 +129,9 @@ def test_cli_runs_and_prints_the_summary(fake_mnist, tmp_path, capsys):
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("settings: configs/mnist_quick_2dgbnn.yaml (the shipped config for this data set and method)")
-    assert lines[0].endswith(f"mnist / mlp / deterministic -> {tmp_path / 'r'}")
+    expected_device = "cuda:0 (" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    assert lines[0].endswith(f"mnist / mlp / deterministic on {expected_device} -> {tmp_path / 'r'}") or torch.cuda.is_available()
+    assert f" on {expected_device}" in lines[0], "the first line says where the run computes (device: auto)"
     assert lines[1].startswith("deterministic epoch 1/1: loss"), "--no-progress hides the bars, not the epoch lines"
     assert lines[2].split()[:4] == ["stage", "acc", "nll", "ece"]
     assert lines[3].startswith("deterministic")
@@ -136,6 +139,10 @@ def test_cli_runs_and_prints_the_summary(fake_mnist, tmp_path, capsys):
     assert len(set(modes.values())) == 1, f"run files are readable like log.jsonl: {modes}"
     summary = json.loads(next(line for line in lines if line.startswith("{")))
     assert summary["accuracy"] > 0.3
+    run = json.loads((tmp_path / "r" / "metrics.json").read_text())["run"]
+    assert run["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu") and run["world_size"] == 1
+    assert run["precision"] == "fp32" and run["torch"] == torch.__version__ and run["pyro"] == pyro.__version__
+    assert run["pyro_gbnn"] and (run["commit"] is None or len(run["commit"].split("+")[0]) == 40)
 
 
 @pytest.mark.parametrize(
@@ -404,7 +411,7 @@ def test_dataset_alone_starts_from_its_shipped_config_and_names_the_data_flags(t
     code = main(["--dataset", "cifar10", "--no-progress"])
     out, err = capsys.readouterr()
     first = out.splitlines()[0]
-    assert first.startswith("settings: configs/cifar10_resnet20.yaml") and "cifar10 / resnet20 / 2dgbnn -> runs/cifar10-2dgbnn-" in first
+    assert first.startswith("settings: configs/cifar10_resnet20.yaml") and "cifar10 / resnet20 / 2dgbnn on " in first and " -> runs/cifar10-2dgbnn-" in first
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--download" in err and "--data-dir" in err
     monkeypatch.setenv("PYRO_GBNN_DATA", str(tmp_path / "elsewhere"))
     assert main(["--dataset", "cifar10", "--method", "ssvi", "--no-progress"]) == 2

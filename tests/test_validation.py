@@ -82,7 +82,7 @@ def test_integral_numbers_where_counts_are_meant_are_read_as_integers():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_missing_device_is_named():
-    with pytest.raises(UsageError, match="device 'cuda' is not available on this machine; use --set device=cpu"):
+    with pytest.raises(UsageError, match="device .cuda. is not available on this machine"):
         validate_config(apply_overrides(DEFAULTS, ["device=cuda"]))
 
 

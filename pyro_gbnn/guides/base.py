@@ -28,12 +28,17 @@ from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
 
-__all__ = ["BufferDict", "SiteGuide", "normal_kl", "normal_prior", "optimizer_state", "site_key", "zero_optimizer_state"]
+__all__ = ["BufferDict", "SiteGuide", "network_device", "normal_kl", "normal_prior", "optimizer_state", "site_key", "zero_optimizer_state"]
 
 
 def site_key(name: str) -> str:
     """A site name as an ``nn.ParameterDict`` key ("." is not allowed there)."""
     return name.replace(".", "/")
+
+
+def network_device(bnn: BayesianNetwork) -> torch.device:
+    """The device of ``bnn``'s weights, where a guide builds its parameters (CPU if it has none)."""
+    return next((v.device for v in bnn.initial_values.values()), torch.device("cpu"))
 
 
 def normal_prior(bnn: BayesianNetwork, name: str, guide: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +78,11 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, params: Sequen
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
+    """A scalar for a tensor that repeats one value (an expanded scalar is recognised by its
+    strides, without reading values: no device synchronisation), else a contiguous copy."""
     t = t.detach()
+    if t.numel() and all(stride == 0 for stride in t.stride()):
+        return t[(0,) * t.dim()].clone()
     return t.reshape(-1)[0].clone() if t.numel() and bool((t == t.reshape(-1)[0]).all()) else t.clone().contiguous()
 
 

@@ -29,15 +29,18 @@ def initial_scales(
 
     ``"xavier"``: weights |U(-a, a)| with a = gain * sqrt(6 / (fan_in + fan_out)) (torch's
     Xavier-uniform bound), biases |N(0, bias_std^2)|; both floored at 1e-6 so that
-    log-scales stay finite. A float gives every weight that scale.
+    log-scales stay finite. A float gives every weight that scale. Drawn by the CPU's
+    generator whatever the network's device (so a seed gives the same guide on a GPU),
+    returned on the device of each weight.
     """
     scales = {}
     for name, shape in bnn.site_shapes.items():
+        device = bnn.initial_values[name].device
         template = torch.empty(shape)
         if isinstance(init_scale, (int, float)) and not isinstance(init_scale, bool):
             if init_scale <= 0:
                 raise ValueError(f"init_scale must be > 0 or 'xavier', got {init_scale}")
-            scales[name] = torch.full(shape, float(init_scale))
+            scales[name] = torch.full(shape, float(init_scale), device=device)
             continue
         if init_scale != "xavier":
             raise ValueError(f"init_scale must be a positive number or 'xavier', got {init_scale!r}")
@@ -47,7 +50,7 @@ def initial_scales(
             values = template.uniform_(-bound, bound).abs_()
         else:
             values = template.normal_(0.0, bias_std).abs_()
-        scales[name] = values.clamp_min_(1e-6)
+        scales[name] = values.clamp_min_(1e-6).to(device)
     return scales
 
 

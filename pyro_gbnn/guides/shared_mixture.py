@@ -77,7 +77,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
-from pyro_gbnn.guides.base import normal_prior, zero_optimizer_state
+from pyro_gbnn.guides.base import network_device, normal_prior, zero_optimizer_state
 from pyro_gbnn.guides.log_abs_normal import expected_log_abs_normal
 from pyro_gbnn.guides.mean_field import inverse_softplus
 from pyro_gbnn.sharing.build import SharingSettings, merge_with_settings
@@ -143,6 +143,7 @@ class SharedMixtureGuide(PyroModule):
         if list(bnn.site_shapes) != list(plan.site_names):
             raise ValueError("the sharing plan was made for another network: its sites differ from bnn.site_shapes")
         plan.check()
+        plan = plan.to(network_device(bnn))  # the guide lives where the network's weights do
         super().__init__()
         self.semantics, self.prior_choice, self.kl_weighting = semantics, prior, kl_weighting
         self.site_shapes = bnn.site_shapes
@@ -163,7 +164,7 @@ class SharedMixtureGuide(PyroModule):
         self.register_buffer("anchor_covs", covs.clone())
         order = torch.cat([plan.outlier_index, plan.inlier_index, plan.ellipse_index]).long()
         inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel())
+        inverse[order] = torch.arange(order.numel(), device=order.device)
         self.register_buffer("_gather", inverse.int(), persistent=False)
         self.register_buffer("_inlier_gather", plan.inlier_component.int(), persistent=False)
         self.register_buffer("_ellipse_gather", plan.ellipse_components.int(), persistent=False)
@@ -185,7 +186,7 @@ class SharedMixtureGuide(PyroModule):
         if semantics == "hierarchical":
             self.register_buffer("_prior_sums", self._member_prior_sums(prior_loc, prior_scale))
         self.register_buffer("counts", plan.counts.float().clone())
-        self.register_buffer("alive", torch.ones(self.num_components, dtype=torch.bool))
+        self.register_buffer("alive", torch.ones(self.num_components, dtype=torch.bool, device=means.device))
         self.register_load_state_dict_post_hook(lambda module, keys: module._derive_gathers())
 
     def _derive_gathers(self) -> None:
@@ -237,7 +238,7 @@ class SharedMixtureGuide(PyroModule):
         k = self._ellipse_gather.shape[1] if self._ellipse_gather.dim() == 2 else 0
         weights = torch.cat([self.inlier_index, self.ellipse_index.repeat_interleave(k)])
         comps = torch.cat([self._inlier_gather, self._ellipse_gather.reshape(-1)]).long()
-        alphas = torch.cat([torch.ones(self.inlier_index.numel()), self.ellipse_alphas.reshape(-1)])
+        alphas = torch.cat([torch.ones(self.inlier_index.numel(), device=weights.device), self.ellipse_alphas.reshape(-1)])
         return weights, comps, alphas
 
     def _component_priors(self, prior_loc: torch.Tensor, prior_scale: torch.Tensor) -> torch.Tensor:
@@ -245,11 +246,13 @@ class SharedMixtureGuide(PyroModule):
         k = self.num_components
         members = torch.cat([self.inlier_index, self.ellipse_index])
         comps = torch.cat([self._inlier_gather, self._ellipse_gather[:, 0] if self._ellipse_gather.numel() else self._inlier_gather[:0]])
-        site_of = torch.bucketize(members, torch.tensor(self._sizes).cumsum(0), right=True)
+        sizes = torch.tensor(self._sizes, device=members.device)
+        site_of = torch.bucketize(members, sizes.cumsum(0), right=True)
         n_sites = len(self._sizes)
-        votes = torch.bincount(comps * n_sites + site_of, minlength=k * n_sites).view(k, n_sites)
+        cells = (comps * n_sites + site_of).long()
+        votes = torch.zeros(k * n_sites, dtype=torch.long, device=cells.device).index_add_(0, cells, torch.ones_like(cells)).view(k, n_sites)
         major_site = votes.argmax(1)
-        offsets = torch.tensor([0] + self._sizes[:-1]).cumsum(0)
+        offsets = sizes.cumsum(0) - sizes
         first_weight = offsets[major_site]
         return torch.stack([prior_loc[first_weight], prior_scale[first_weight]], -1)
 
@@ -260,7 +263,7 @@ class SharedMixtureGuide(PyroModule):
         p, s = prior_loc[weights].double(), prior_scale[weights].double()
         a, precision = alphas.double(), 1.0 / (s * s)
         terms = torch.stack([a, a * precision, a * p * precision, a * p * p * precision, a * s.log()])
-        return torch.zeros(5, self.num_components, dtype=torch.float64).index_add_(1, comps, terms)
+        return torch.zeros(5, self.num_components, dtype=torch.float64, device=comps.device).index_add_(1, comps, terms)
 
     # ----- sampling ---------------------------------------------------------------
     def _assemble(self, outliers: torch.Tensor, inliers: torch.Tensor, ellipses: torch.Tensor) -> torch.Tensor:
@@ -420,11 +423,11 @@ class SharedMixtureGuide(PyroModule):
         if merged.rounds == 0:
             return 0
         k_new = merged.means.shape[0]
-        first = torch.full((k_new,), slots.numel(), dtype=torch.long).scatter_reduce_(
-            0, merged.mapping, torch.arange(slots.numel()), "amin"
+        first = torch.full((k_new,), slots.numel(), dtype=torch.long, device=slots.device).scatter_reduce_(
+            0, merged.mapping, torch.arange(slots.numel(), device=slots.device), "amin"
         )
         new_slots = slots[first]
-        slot_of = torch.arange(self.num_components)
+        slot_of = torch.arange(self.num_components, device=slots.device)
         slot_of[slots] = new_slots[merged.mapping]
         changed = slots[slot_of[slots] != slots]
         changed = torch.cat([changed, new_slots[torch.bincount(merged.mapping, minlength=k_new) > 1]])
@@ -448,8 +451,8 @@ class SharedMixtureGuide(PyroModule):
         """The sharing plan as the guide stands: alive components renumbered, current centres,
         covariances and outlier moments (for counting, saving and deployment)."""
         slots = self.alive.nonzero().squeeze(-1)
-        renumber = torch.full((self.num_components,), -1, dtype=torch.long)
-        renumber[slots] = torch.arange(slots.numel())
+        renumber = torch.full((self.num_components,), -1, dtype=torch.long, device=slots.device)
+        renumber[slots] = torch.arange(slots.numel(), device=slots.device)
         centre, covs = self.component_gaussians()
         dtype = index_dtype(slots.numel())
         return SharingPlan(

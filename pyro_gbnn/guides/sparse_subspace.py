@@ -64,7 +64,7 @@ from torch import nn
 from pyro_gbnn import distributed
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.guides.base import (
-    BufferDict, SiteGuide, normal_kl, normal_prior, optimizer_state, site_key, zero_optimizer_state,
+    BufferDict, SiteGuide, network_device, normal_kl, normal_prior, optimizer_state, site_key, zero_optimizer_state,
 )
 from pyro_gbnn.guides.mean_field import initial_scales, inverse_softplus
 from pyro_gbnn.sparse import SparseNormal
@@ -162,10 +162,10 @@ class SparseSubspaceGuide(SiteGuide):
             if len(shape) == 2 and isinstance(bnn.module_of(name), nn.Linear)
             and self.budget[name] <= sparse_kernel_max_density * shape.numel()
         }
-        generator = torch.Generator().manual_seed(seed)
-        index, scales = {}, initial_scales(bnn, init_scale, xavier_gain)
+        generator = torch.Generator().manual_seed(seed)  # the CPU's: the same subspace on any device
+        index, scales, device = {}, initial_scales(bnn, init_scale, xavier_gain), network_device(bnn)
         for name, shape in self.site_shapes.items():
-            index[site_key(name)] = torch.randperm(shape.numel(), generator=generator)[: self.budget[name]].sort().values.int()
+            index[site_key(name)] = torch.randperm(shape.numel(), generator=generator)[: self.budget[name]].sort().values.int().to(device)
         self.index = BufferDict(index)
         self.loc = nn.ParameterDict({
             key: nn.Parameter(bnn.initial_values[n].detach().reshape(-1)[index[key]].clone())
@@ -175,7 +175,9 @@ class SparseSubspaceGuide(SiteGuide):
             key: nn.Parameter(inverse_softplus(scales[n]).reshape(-1)[index[key]].clone()) for n, key in zip(self.site_shapes, index)
         })
         self.register_buffer("initial_rho", torch.stack([inverse_softplus(scales[n].mean()) for n in self.site_shapes]))
-        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long, device=device))
+        self._steps = 0  # step_count on the host, read by every step without waiting for the device
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_steps", int(module.step_count)))
         self._grads: dict[str, torch.Tensor] = {}
 
     def _budgets(self, density: float, dense: set[str]) -> dict[str, int]:
@@ -204,7 +206,7 @@ class SparseSubspaceGuide(SiteGuide):
         return q.to_event(len(shape))
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        capture = self.addition == "gradient" and torch.is_grad_enabled() and self._update_due(int(self.step_count) + 1)
+        capture = self.addition == "gradient" and torch.is_grad_enabled() and self._update_due(self._steps + 1)
         draws = {}
         for name in self.site_shapes:
             # the gradient-addition rule needs the dense gradient: dense kernels on that step
@@ -219,12 +221,12 @@ class SparseSubspaceGuide(SiteGuide):
 
     def kl_divergence(self, bnn: BayesianNetwork) -> torch.Tensor:
         """sum over active weights of KL(N(mu, sigma^2) || prior); the Normal priors were read from ``bnn`` at construction."""
-        total = torch.zeros(())
+        total = 0.0
         for key in map(site_key, self.site_shapes):
             index = self.index[key]
             prior_loc, prior_scale = (p if p.dim() == 0 else p.reshape(-1)[index] for p in (self.prior_loc[key], self.prior_scale[key]))
             total = total + normal_kl(self.loc[key], F.softplus(self.rho[key]), prior_loc, prior_scale).sum()
-        return total
+        return torch.as_tensor(total)
 
     def loc_parameters(self) -> Iterator[nn.Parameter]:
         return iter(self.loc.values())
@@ -243,7 +245,8 @@ class SparseSubspaceGuide(SiteGuide):
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Count the step; every M steps (while t < T) replace round(r_t s_l) weights of each site."""
         self.step_count += 1
-        step = int(self.step_count)
+        self._steps += 1
+        step = self._steps
         grads, self._grads = self._grads, {}
         if not self._update_due(step):
             return
@@ -266,7 +269,7 @@ class SparseSubspaceGuide(SiteGuide):
             return
         removed = torch.topk(removal_score(mu, F.softplus(rho), self.removal), k, largest=False).indices
         if self.addition == "gradient":
-            growth = grad.reshape(-1).abs().double() if grad is not None else torch.zeros(numel, dtype=torch.float64)
+            growth = grad.reshape(-1).abs().double() if grad is not None else torch.zeros(numel, dtype=torch.float64, device=slots.device)
         else:
             growth = torch.rand(numel, generator=generator, dtype=torch.float64)
         active = torch.zeros(numel, dtype=torch.bool, device=slots.device)
@@ -274,7 +277,10 @@ class SparseSubspaceGuide(SiteGuide):
         added = torch.topk(growth.to(slots.device).masked_fill(active, -math.inf), k).indices
         survivors = torch.ones_like(mu, dtype=torch.bool)
         survivors[removed] = False
-        new_rho = rho[survivors].mean() if self.added_scale == "mean" and survivors.any() else self.initial_rho[index]
+        new_rho = self.initial_rho[index]
+        if self.added_scale == "mean":  # the survivors' mean rho, without reading the device
+            kept = survivors.sum()
+            new_rho = torch.where(kept > 0, (rho * survivors).sum() / kept.clamp_min(1), new_rho)
         slots[removed], mu[removed], rho[removed] = added.to(slots.dtype), 0.0, new_rho
         zero_optimizer_state(optimizer, (mu, rho), removed)
         # Slots stay in flat-index order: the draws (noise in slot order) are then those of any

@@ -184,7 +184,7 @@ class SpikeSlabGuide(_SlabParameters):
         loc = {n: bnn.initial_values[n].detach().clone().reshape(s) for n, s in self.site_shapes.items()}
         rho = {n: inverse_softplus(scales[n]) for n in self.site_shapes}
         self._init_slab(loc, rho, prior_loc, prior_scale, prior_inclusion)
-        self.inclusion_logit = BufferDict({site_key(n): torch.full(s, start) for n, s in self.site_shapes.items()})
+        self.inclusion_logit = BufferDict({site_key(n): torch.full(s, start, device=loc[n].device) for n, s in self.site_shapes.items()})
 
     def inclusion(self, name: str) -> torch.Tensor:
         """phi of site ``name``: q(gamma_i = 1), shape of the weight."""
@@ -199,13 +199,13 @@ class SpikeSlabGuide(_SlabParameters):
         The slab priors were read from ``bnn`` at construction; the argument is the ELBO's protocol.
         """
         lam = self.prior_inclusion
-        total = torch.zeros(())
+        total = 0.0
         for name in self.site_shapes:
             logit = self.inclusion_logit[site_key(name)]
             phi = torch.sigmoid(logit)
             bernoulli = phi * (F.logsigmoid(logit) - math.log(lam)) + (1 - phi) * (F.logsigmoid(-logit) - math.log1p(-lam))
             total = total + (bernoulli + phi * self._slab_kl(name)).sum()
-        return total
+        return torch.as_tensor(total)
 
     def inclusion_target(self, name: str) -> torch.Tensor:
         """The closed-form optimum of logit(phi) for site ``name`` (module docstring, step 3), unclamped."""
@@ -269,13 +269,13 @@ class PrunedSpikeSlabGuide(_SlabParameters):
         return SpikeSlabNormal(self.loc[key], self.scale(name), mask=self.mask[key])
 
     def kl_divergence(self, bnn: BayesianNetwork | None = None) -> torch.Tensor:
-        lam, total = self.prior_inclusion, torch.zeros(())
+        lam, total = self.prior_inclusion, 0.0
         for name in self.site_shapes:
             kept = self.mask[site_key(name)]
-            n_kept = int(kept.sum())
+            n_kept = kept.sum()  # a tensor: no device synchronisation per step
             total = total + torch.where(kept, self._slab_kl(name), 0.0).sum()
             total = total - n_kept * math.log(lam) - (kept.numel() - n_kept) * math.log1p(-lam)
-        return total
+        return torch.as_tensor(total)
 
     def num_kept(self) -> int:
         """Number of weights that are not pruned."""

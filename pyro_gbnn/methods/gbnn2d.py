@@ -25,19 +25,20 @@ __all__ = ["TwoDGBNN", "accumulate_gradients", "sharing_metrics"]
 
 
 def accumulate_gradients(
-    elbo: AnalyticKL_ELBO, guide: MeanFieldGuide, batches, num_batches: int, dataset_size: int, device="cpu"
+    elbo: AnalyticKL_ELBO, guide: MeanFieldGuide, batches, num_batches: int, dataset_size: int, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """Mean |d(-ELBO per datum) / d loc| of every weight over ``num_batches`` batches (section 4.1);
-    in a data-parallel run each rank takes ``num_batches`` of its shard and the means are averaged."""
-    totals = {name: torch.zeros(shape) for name, shape in guide.site_shapes.items()}
+    """Mean |d(-ELBO per datum) / d loc| of every weight over ``num_batches`` batches (section 4.1),
+    summed on the guide's device; in a data-parallel run each rank takes ``num_batches`` of
+    its shard and the means are averaged."""
+    totals = {name: torch.zeros_like(guide.location(name), requires_grad=False) for name in guide.site_shapes}
     seen = 0
     for x, y in batches:
         if seen == num_batches:
             break
         elbo.zero_grad(set_to_none=True)
-        (elbo(x.to(device), y.to(device)) / dataset_size).backward()
+        (elbo(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) / dataset_size).backward()
         for name in totals:
-            totals[name] += guide.location(name).grad.detach().abs().cpu()
+            totals[name] += guide.location(name).grad.detach().abs()
         seen += 1
     elbo.zero_grad(set_to_none=True)
     world = distributed.world_size()
@@ -76,7 +77,7 @@ class TwoDGBNN(MeanField):
         bnn, guide, elbo = restore_mean_field(run, net)  # a mean-field guide: check_config saw to it
         epoch_after_stage1 = run.config["mean_field"]["epochs"]
         gradients = accumulate_gradients(
-            elbo, guide, run.loader("train", epoch_after_stage1), section["grad_batches"], run.dataset_size, run.config["device"]
+            elbo, guide, run.loader("train", epoch_after_stage1), section["grad_batches"], run.dataset_size, run.device
         )
         plan = build_sharing_plan(guide.posterior_moments(), gradients, _sharing_settings(run), distributed=True)
         if distributed.is_main():

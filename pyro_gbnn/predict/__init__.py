@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from contextlib import contextmanager, nullcontext
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
@@ -15,7 +17,7 @@ from torch.func import vmap
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.metrics import mutual_information, predictive_entropy
 
-__all__ = ["Prediction", "PredictiveSummary", "draw_weights", "logits_for_draws", "predict_batch", "predict", "predictive_summary"]
+__all__ = ["Prediction", "PredictiveSummary", "draw_weights", "logits_for_draws", "predict_batch", "predict", "predictive_summary", "module_device"]
 
 
 class Prediction(NamedTuple):
@@ -95,7 +97,8 @@ def predict(
     """Posterior predictive over a loader: each batch gets its own ``num_samples`` weight draws.
 
     ``guide=None`` evaluates ``bnn`` as a deterministic network. The network is put in
-    eval mode (BatchNorm uses running statistics) and restored afterwards. With ``seeds``
+    eval mode (BatchNorm uses running statistics) and restored afterwards. Batches are
+    moved to ``device`` (default: where the network's parameters are). With ``seeds``
     (one per batch), batch i's draws come from a generator seeded with ``seeds[i]`` and
     the global random stream is left as it was: the result no longer depends on what ran
     before, or on which process scores which batch.
@@ -104,22 +107,31 @@ def predict(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     was_training = bnn.training
     bnn.eval()
+    device = module_device(bnn, guide) if device is None else torch.device(device)
     probs, labels, samples = [], [], []
     try:
         for i, (x, y) in enumerate(batches):
-            if device is not None:
-                x = x.to(device)
+            x = x.to(device, non_blocking=True)
             with _seeded(seeds[i], x.device) if seeds is not None else nullcontext():
                 sample_probs = predict_batch(bnn, guide, x, num_samples, sample_chunk, vectorize)
-            probs.append(sample_probs.mean(0).cpu())
-            labels.append(y.cpu())
+            probs.append(sample_probs.mean(0))
+            labels.append(y)
             if keep_samples:
                 samples.append(sample_probs.cpu())
     finally:
         bnn.train(was_training)
-    return Prediction(
-        torch.cat(probs), torch.cat(labels), torch.cat(samples, dim=1) if keep_samples else None
+    return Prediction(  # one copy to the host at the end, not one wait per batch
+        torch.cat(probs).cpu(), torch.cat([y.cpu() for y in labels]), torch.cat(samples, dim=1) if keep_samples else None
     )
+
+
+def module_device(*modules: nn.Module | None) -> torch.device:
+    """The device of the first parameter or buffer of ``modules`` (CPU if they have none)."""
+    for module in modules:
+        if module is not None:
+            for tensor in itertools.chain(module.parameters(), module.buffers()):
+                return tensor.device
+    return torch.device("cpu")
 
 
 @contextmanager

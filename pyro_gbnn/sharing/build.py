@@ -76,12 +76,13 @@ class _Flat(NamedTuple):
 
 
 def _flatten(moments: dict[str, tuple[torch.Tensor, torch.Tensor]], gradients: dict[str, torch.Tensor] | None) -> _Flat:
+    """The flat vectors, on the device the moments are on (stage 2 runs where training ran)."""
     names = list(moments)
-    loc = torch.cat([moments[n][0].reshape(-1) for n in names]).detach().float().cpu()
-    scale = torch.cat([moments[n][1].reshape(-1) for n in names]).detach().float().cpu()
+    loc = torch.cat([moments[n][0].reshape(-1) for n in names]).detach().float()
+    scale = torch.cat([moments[n][1].reshape(-1) for n in names]).detach().float().to(loc.device)
     grad = None
     if gradients is not None:
-        grad = torch.cat([gradients[n].reshape(-1) for n in names]).detach().float().cpu().abs()
+        grad = torch.cat([gradients[n].reshape(-1) for n in names]).detach().float().to(loc.device).abs()
     shapes = [list(moments[n][0].shape) for n in names]
     return _Flat(names, shapes, loc, scale, grad)
 
@@ -156,7 +157,10 @@ def build_sharing_plan(
     report.update(gmm_time_s=time.perf_counter() - t0, gmm_mean_log_likelihood=gmm.mean_log_likelihood, gmm_epochs=gmm.n_iter, n_gaussians_initial=k)
     builds_here = not distributed or _dist.is_main()
     plan = _plan_from_mixture(flat, outliers, inlier_pos, points, gmm, settings, report, started) if builds_here else None
-    return _dist.broadcast_object(plan) if distributed else plan
+    if not distributed:
+        return plan
+    plan = _dist.broadcast_object(plan.to("cpu") if plan is not None else None)  # rank 0's GPU is not every rank's
+    return plan.to(loc.device)
 
 
 def _plan_from_mixture(
@@ -179,8 +183,8 @@ def _plan_from_mixture(
     merged_from = None
     if settings.merge and means.shape[0] > 1:
         merged_from = {"means": means.float().clone(), "covs": covs.float().clone()}
-        member_grad = grad[inlier_pos].double() if grad is not None else torch.zeros(inlier_pos.numel(), dtype=torch.float64)
-        grad_sum = torch.zeros(means.shape[0], dtype=torch.float64).index_add_(0, assign, member_grad)
+        member_grad = grad[inlier_pos].double() if grad is not None else torch.zeros(inlier_pos.numel(), dtype=torch.float64, device=loc.device)
+        grad_sum = torch.zeros(means.shape[0], dtype=torch.float64, device=loc.device).index_add_(0, assign, member_grad)
         step_at_centres = grad_sum / counts.clamp_min(1) * settings.merge_grad_lr
         merged = merge_with_settings(means, covs, counts, step_at_centres if grad is not None else None, settings)
         means, covs, counts = merged.means, merged.covs, merged.weights
@@ -196,9 +200,9 @@ def _plan_from_mixture(
         assign, ellipse = _assign_to_ellipses(points, means, covs, assign, settings.mahalanobis_threshold)
         ell_comps, ell_alphas = blend_weights(points[ellipse], means, covs, settings.blend_k)
     else:
-        ellipse = torch.zeros(points.shape[0], dtype=torch.bool)
-        ell_comps = torch.zeros(0, 1, dtype=torch.int64)
-        ell_alphas = torch.zeros(0, 1)
+        ellipse = torch.zeros(points.shape[0], dtype=torch.bool, device=loc.device)
+        ell_comps = torch.zeros(0, 1, dtype=torch.int64, device=loc.device)
+        ell_alphas = torch.zeros(0, 1, device=loc.device)
     counts = torch.bincount(assign[~ellipse], minlength=means.shape[0]).double()
     counts = counts.index_add_(0, ell_comps.reshape(-1), ell_alphas.reshape(-1).double())
 

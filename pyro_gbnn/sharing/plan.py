@@ -81,9 +81,19 @@ class SharingPlan:
         component = torch.empty((), dtype=index_dtype(self.num_components)).element_size()
         return self.num_weights * code + int(self.ellipse_index.numel()) * k * (component + 4)
 
+    def to(self, device: torch.device | str) -> "SharingPlan":
+        """The plan with every tensor on ``device`` (itself if they are there already)."""
+        def moved(value: Any) -> Any:
+            if torch.is_tensor(value):
+                return value.to(device)
+            return {k: moved(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+        return SharingPlan(**{f.name: moved(getattr(self, f.name)) for f in fields(self)})
+
     def to_state(self) -> dict[str, Any]:
-        """A dict of tensors, lists and numbers: saved with torch.save, loaded with weights_only=True."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """A dict of CPU tensors, lists and numbers: saved with torch.save, loaded with
+        weights_only=True on any machine."""
+        return self.to("cpu").__dict__.copy()
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "SharingPlan":
@@ -95,7 +105,7 @@ class SharingPlan:
     def check(self) -> None:
         """Every weight has exactly one role; raises ValueError otherwise."""
         n = self.num_weights
-        role = torch.zeros(n, dtype=torch.int64)
+        role = torch.zeros(n, dtype=torch.int64, device=self.outlier_index.device)
         for index in (self.outlier_index, self.inlier_index, self.ellipse_index):
             role.index_add_(0, index.long(), torch.ones_like(index, dtype=torch.int64))
         if not bool((role == 1).all()):
