@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -305,7 +306,8 @@ def test_torchrun_runs_the_command_line(fake_mnist, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("wrote ") == 1
     assert done.stdout.count("mean_field epoch 2/2") == 1
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    run = json.loads((tmp_path / "run" / "metrics.json").read_text())["run"]
+    assert run["world_size"] == 2 and run["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 def _fit_recording_outputs(config: dict, out: Path, record: Path) -> None:

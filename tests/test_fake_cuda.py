@@ -206,3 +206,55 @@ def test_predict_moves_batches_to_the_network_device():
         bnn, guide = build_mean_field(net, config(), N)
         prediction = pg.predict(bnn, guide, [(x, y)], num_samples=2)
         assert prediction.probs.shape == (6, 10)
+
+
+# ----- the static check: where fake tensors cannot go -------------------------------------
+# Code that only a real GPU runs through (data-dependent steps: merging while fine-tuning, the
+# guide's plan, SSVI's growth) is checked by reading it: a tensor factory in the training
+# and sharing code must name its device, unless it is one of these, each CPU by design.
+FACTORIES = {"zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand", "randint", "randperm", "linspace", "eye"}
+SCANNED = ("guides", "sharing", "methods", "predict", "elbo.py", "train.py", "bayesian.py", "priors.py", "likelihoods.py",
+           "reparameterization.py", "sparse.py", "quantization.py", "pipeline.py")
+CPU_BY_DESIGN = {
+    ("guides/mean_field.py", "initial_scales"): "drawn by the CPU generator, moved to the weight's device",
+    ("predict/__init__.py", "predictive_summary"): "placeholder labels, never on the device",
+    ("reparameterization.py", "rademacher"): "a 256 x 8 sign table built once per device, then moved",
+    ("train.py", "_summed_over_ranks"): "host totals, staged through the GPU by all_sum under NCCL",
+    ("pipeline.py", "_load_data"): "a permutation of data-set indices",
+}
+
+
+def _unplaced_factories(root):
+    import ast
+
+    found = []
+    for path in sorted(p for name in SCANNED for p in ([root / name] if name.endswith(".py") else (root / name).rglob("*.py"))):
+        tree = ast.parse(path.read_text())
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in FACTORIES
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+                continue
+            keywords = {k.arg for k in node.keywords}
+            if "device" in keywords or None in keywords or "generator" in keywords:  # generator: CPU draws, moved after
+                continue
+            parent = parents.get(node)
+            if isinstance(parent, ast.Attribute) and parent.attr in ("to", "element_size"):
+                continue
+            function = next((p.name for p in _ancestors(node, parents) if isinstance(p, ast.FunctionDef)), "")
+            if (str(path.relative_to(root)), function) not in CPU_BY_DESIGN:
+                found.append(f"{path.relative_to(root)}:{node.lineno} torch.{node.func.attr} in {function or 'module'}")
+    return found
+
+
+def _ancestors(node, parents):
+    while node in parents:
+        node = parents[node]
+        yield node
+
+
+def test_training_and_sharing_code_names_the_device_of_every_tensor_it_makes():
+    from pathlib import Path
+
+    root = Path(pg.__file__).parent
+    assert _unplaced_factories(root) == []
