@@ -50,6 +50,7 @@ __all__ = [
     "ImageTensorDataset",
     "augmentation_seed",
     "evaluation_seed",
+    "set_loader_epoch",
     "decode_cache_dir",
     "image_for_model",
     "load_dataset",
@@ -700,7 +701,8 @@ def load_dataset(
 
 
 class _EpochView(Dataset):
-    """Item `i` of `dataset` augmented under `augmentation_seed(seed, epoch, i)`."""
+    """Item `i` of `dataset` augmented under `augmentation_seed(seed, epoch, i)`; an index
+    `(epoch, i)` names its epoch itself (persistent workers keep one view for every epoch)."""
 
     def __init__(self, dataset: _TransformedImages, seed: int, epoch: int) -> None:
         self.dataset, self.seed, self.epoch = dataset, seed, epoch
@@ -708,22 +710,28 @@ class _EpochView(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.dataset.seeded_item(index, augmentation_seed(self.seed, self.epoch, index))
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Tensor, int]:
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        return self.dataset.seeded_item(index, augmentation_seed(self.seed, epoch, index))
 
 
 class _EpochPermutation(Sampler[int]):
-    """The same permutation every time it is iterated, determined by (seed, epoch) alone."""
+    """The same permutation every time it is iterated, determined by (seed, epoch) alone;
+    ``tag_epoch`` yields (epoch, index) pairs for an :class:`_EpochView` in persistent workers."""
 
-    def __init__(self, n: int, seed: int, epoch: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, epoch
+    def __init__(self, n: int, seed: int, epoch: int, tag_epoch: bool = False) -> None:
+        self.n, self.seed, self.epoch, self.tag_epoch = n, seed, epoch, tag_epoch
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(_mix(_SHUFFLE_TAG, self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        return _tagged(torch.randperm(self.n, generator=generator).tolist(), self.epoch, self.tag_epoch)
+
+
+def _tagged(order: list[int], epoch: int, tag_epoch: bool) -> Iterator:
+    return iter([(epoch, i) for i in order] if tag_epoch else order)
 
 
 class _ShardedEpochPermutation(DistributedSampler):
@@ -731,15 +739,16 @@ class _ShardedEpochPermutation(DistributedSampler):
     splits its own (padded to a multiple of the ranks, then every ``num_replicas``-th item),
     so local batch b of all ranks together holds the items of one-process batch b."""
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int, num_replicas: int, rank: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, epoch: int, num_replicas: int, rank: int, tag_epoch: bool = False) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.set_epoch(epoch)
+        self.tag_epoch = tag_epoch
 
     def __iter__(self) -> Iterator[int]:
         order = list(_EpochPermutation(len(self.dataset), self.seed, self.epoch))
         while len(order) < self.total_size:
             order += order[: self.total_size - len(order)]
-        return iter(order[self.rank : self.total_size : self.num_replicas])
+        return _tagged(order[self.rank : self.total_size : self.num_replicas], self.epoch, self.tag_epoch)
 
 
 def make_loader(
@@ -754,6 +763,7 @@ def make_loader(
     pin_memory: bool = False,
     num_replicas: int = 1,
     rank: int = 0,
+    persistent_workers: bool = False,
 ) -> DataLoader:
     """A loader for one epoch whose batches depend only on (seed, epoch), augmentation included.
 
@@ -761,6 +771,10 @@ def make_loader(
     repeats exactly what an uninterrupted run saw, for any `num_workers`. Iterating the
     same loader twice gives the same batches. Data sets other than this module's are
     loaded as they are (their own randomness is not seeded here).
+
+    ``persistent_workers`` (with ``num_workers`` > 0): the workers outlive the epoch, and
+    :func:`set_loader_epoch` moves the same loader to the next epoch with the batches a new
+    loader for that epoch would give (the sampler hands each worker (epoch, index) pairs).
 
     With ``num_replicas`` > 1 (data-parallel training, ``shuffle=True``), this is rank
     ``rank``'s shard of the epoch's permutation in batches of ``batch_size`` (the local
@@ -771,12 +785,14 @@ def make_loader(
     if num_workers < 0:
         raise UsageError(f"num_workers must be >= 0, got {num_workers}")
     view = _EpochView(dataset, seed, epoch) if isinstance(dataset, _TransformedImages) else dataset
+    persistent_workers = persistent_workers and num_workers > 0
+    tag_epoch = persistent_workers and isinstance(view, _EpochView)
     if num_replicas > 1 and not shuffle:
         raise ValueError("a sharded loader shuffles; evaluation shards whole batches instead (see FitRun.evaluate)")
     if num_replicas > 1:
-        sampler = _ShardedEpochPermutation(dataset, seed, epoch, num_replicas, rank)
+        sampler = _ShardedEpochPermutation(dataset, seed, epoch, num_replicas, rank, tag_epoch)
     else:
-        sampler = _EpochPermutation(len(dataset), seed, epoch) if shuffle else SequentialSampler(view)
+        sampler = _EpochPermutation(len(dataset), seed, epoch, tag_epoch) if shuffle else SequentialSampler(view)
     # DataLoader draws its workers' base seed from this generator; without one it would
     # consume the global RNG and shift the model's random stream.
     generator = torch.Generator().manual_seed(_mix(_WORKER_TAG, seed, epoch))
@@ -788,4 +804,14 @@ def make_loader(
         drop_last=drop_last,
         pin_memory=pin_memory,
         generator=generator,
+        persistent_workers=persistent_workers,
     )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> DataLoader:
+    """``loader`` (from :func:`make_loader`) moved to ``epoch``: its permutation and
+    augmentation are then those of ``make_loader(..., epoch=epoch)``."""
+    for part in (loader.sampler, loader.dataset):
+        if isinstance(part, (_EpochPermutation, _ShardedEpochPermutation, _EpochView)):
+            part.epoch = epoch
+    return loader

@@ -37,7 +37,7 @@ from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.checkpoint import atomic_write_bytes, save_checkpoint
 from pyro_gbnn.checkpoint import load_checkpoint as _load_state
 from pyro_gbnn.config import dump_config, with_new_defaults
-from pyro_gbnn.data import DataSplits, evaluation_seed, load_dataset, make_loader
+from pyro_gbnn.data import DataSplits, evaluation_seed, load_dataset, make_loader, set_loader_epoch
 from pyro_gbnn.devices import resolve_device
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.errors import UsageError
@@ -107,6 +107,7 @@ class FitRun:
     stage_rng: dict[str, dict] = field(default_factory=dict)
     tracker: Tracker = field(default_factory=Tracker)
     device: torch.device | None = None  # where the run computes; None: resolved from config["device"]
+    _loaders: dict[str, Any] = field(default_factory=dict, repr=False)  # per split, when workers persist
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -126,12 +127,16 @@ class FitRun:
 
     def loader(self, split: str, epoch: int = 0):
         """Batches of ``split`` (the training split shuffled by (seed, epoch)); in a
-        data-parallel run the training batches are this rank's shard of the global batch."""
+        data-parallel run the training batches are this rank's shard of the global batch.
+        With loader workers (``data.num_workers``) one loader per split keeps its workers
+        for the whole run, moved from epoch to epoch."""
         data_cfg = self.config["data"]
+        if data_cfg["num_workers"] > 0 and split in self._loaders:
+            return set_loader_epoch(self._loaders[split], epoch)
         dataset = getattr(self.data, split)
         train = split == "train"
         replicas = distributed.world_size() if train else 1
-        return make_loader(
+        loader = make_loader(
             dataset,
             data_cfg["batch_size"] // replicas if train else data_cfg["eval_batch_size"],
             shuffle=train,
@@ -141,7 +146,11 @@ class FitRun:
             pin_memory=self.device.type == "cuda",
             num_replicas=replicas,
             rank=distributed.rank(),
+            persistent_workers=True,
         )
+        if data_cfg["num_workers"] > 0:
+            self._loaders[split] = loader
+        return loader
 
     @property
     def eval_split(self) -> str:

@@ -13,7 +13,7 @@ import torchvision
 from PIL import Image
 
 import pyro_gbnn.data as data
-from pyro_gbnn.data import DATASETS, ImageTensorDataset, augmentation_seed, load_dataset, make_loader
+from pyro_gbnn.data import DATASETS, ImageTensorDataset, augmentation_seed, load_dataset, make_loader, set_loader_epoch
 from pyro_gbnn.errors import UsageError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -462,6 +462,21 @@ def test_loader_is_a_function_of_seed_and_epoch(tmp_path: Path, fake_cifar_check
     # One item alone can be reproduced from its documented seed.
     x, y = train.seeded_item(5, augmentation_seed(3, 2, 5))
     assert torch.equal(x, fixed[2][5]) and y == int(train.targets[5])
+
+
+def test_a_persistent_loader_moved_from_epoch_to_epoch_gives_each_epochs_batches(tmp_path: Path, fake_cifar_checksums: None) -> None:
+    """One loader whose two workers live across epochs (set_loader_epoch) gives, in every
+    epoch, the batches of a fresh loader made for that epoch: permutation and augmentation."""
+    write_cifar10(tmp_path)
+    train = load_dataset("cifar10", tmp_path).train
+    kept = make_loader(train, 16, shuffle=True, seed=3, epoch=0, num_workers=2, persistent_workers=True)
+    assert kept.persistent_workers
+    for epoch in (0, 1, 2, 1):
+        fresh = all_batches(make_loader(train, 16, shuffle=True, seed=3, epoch=epoch))
+        assert same_batches(fresh, all_batches(set_loader_epoch(kept, epoch))), epoch
+    sharded = make_loader(train, 8, shuffle=True, seed=3, epoch=0, num_workers=2, num_replicas=2, rank=1, persistent_workers=True)
+    fresh = all_batches(make_loader(train, 8, shuffle=True, seed=3, epoch=2, num_replicas=2, rank=1))
+    assert same_batches(fresh, all_batches(set_loader_epoch(sharded, 2)))
 
 
 def test_loader_argument_checks(tmp_path: Path, fake_cifar_checksums: None) -> None:

@@ -473,3 +473,13 @@ def test_branch_run_continues_a_finished_stage_under_another_method_and_refuses_
     with pytest.raises(UsageError, match="has not finished stage 'fine_tune'"):
         pipeline.branch_run(tmp_path / "base", tmp_path / "c", "fine_tune", [])
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_loader_workers_that_persist_across_epochs_train_exactly_as_the_main_process(fake_mnist, tmp_path):
+    """data.num_workers=2: one loader per split keeps its workers for the run (moved from
+    epoch to epoch); the run is the one without workers, to the last digit."""
+    plain = pipeline.run_fit(tiny_config(fake_mnist), tmp_path / "plain")
+    workers = pipeline.run_fit(tiny_config(fake_mnist, extra=["data.num_workers=2"]), tmp_path / "workers")
+    for stage in ("deterministic", "mean_field"):
+        for key in ("accuracy", "nll", "ece"):
+            assert workers["stages"][stage][key] == plain["stages"][stage][key], (stage, key)
