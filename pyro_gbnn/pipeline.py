@@ -21,6 +21,7 @@ packed codes (each method's module says how).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,7 +448,10 @@ def run_fit(
     On resume the saved config is used; ``data_dir`` may point to the data's new place.
     Runs with ``torch.use_deterministic_algorithms`` on (restored afterwards): the
     shared-mixture guide's gathers back-propagate through scatter-adds whose default CPU
-    kernels sum in a thread-dependent order, and a resumed run must match exactly.
+    kernels sum in a thread-dependent order, and a resumed run must match exactly. On a
+    GPU it warns where no deterministic kernel exists (``index_add_`` and ``scatter_add_``
+    in backward use atomic adds there), and cuBLAS is given the fixed workspace it needs
+    for repeatable matrix products (``CUBLAS_WORKSPACE_CONFIG``, unless already set).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel
     (:mod:`pyro_gbnn.distributed`): ``data.batch_size`` is the global batch, split evenly
@@ -455,6 +459,7 @@ def run_fit(
     processes that saved it.
     """
     keep_freed_memory()  # glibc: reuse freed activation buffers instead of faulting them in every step
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before the first GPU product
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
