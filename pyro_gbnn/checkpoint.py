@@ -6,6 +6,7 @@ A checkpoint is a plain dict of tensors, numbers and strings, so it loads with
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import tempfile
@@ -48,8 +49,31 @@ def atomic_write_bytes(path: str | Path, write) -> None:
         raise
 
 
+def _on_cpu(value: Any, memo: dict[int, torch.Tensor]) -> Any:
+    """``value`` with every tensor in its dicts, lists and tuples on the CPU (CPU tensors as
+    they are; a tensor met twice stays one tensor). A ``state_dict``'s ``_metadata`` is kept."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "cpu":
+            return value
+        if id(value) not in memo:
+            memo[id(value)] = value.detach().cpu()
+        return memo[id(value)]
+    if isinstance(value, dict):
+        moved = copy.copy(value)  # its type and attributes, e.g. an OrderedDict's _metadata
+        for key, item in value.items():
+            moved[key] = _on_cpu(item, memo)
+        return moved
+    if isinstance(value, (list, tuple)):
+        items = [_on_cpu(item, memo) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))
+    """Write ``state`` (tensors on any device are written as CPU tensors, so the file loads on
+    any machine, even with a plain ``torch.load(path, weights_only=True)``)."""
+    state = _on_cpu({"format": FORMAT, **state}, {})
+    atomic_write_bytes(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -71,18 +95,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random-number state a training step reads, in a weights_only-safe form."""
+    """Every random-number state a training step reads, in a weights_only-safe form: torch's
+    CPU generator, NumPy's, Python's and, when this process has used CUDA, every CUDA
+    device's generator (``"cuda"``: a list of uint8 tensors, one per visible device)."""
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # reading them would start CUDA otherwise
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned. CUDA states are restored where this machine
+    has CUDA (as many devices as both have); without CUDA they are ignored, so a run saved on
+    a GPU resumes on the CPU (with other random draws from then on). A state saved without
+    CUDA leaves the CUDA generators as they are."""
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
     python = state["python"]
     random.setstate((python[-2], tuple(python[:-2]), python[-1]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu().to(torch.uint8) for s in cuda[: torch.cuda.device_count()]])

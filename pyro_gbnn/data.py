@@ -50,6 +50,7 @@ __all__ = [
     "ImageTensorDataset",
     "augmentation_seed",
     "evaluation_seed",
+    "posterior_draws_seed",
     "set_loader_epoch",
     "decode_cache_dir",
     "image_for_model",
@@ -70,7 +71,7 @@ _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".
 _CACHE_FOLDER = ".pyro_gbnn_cache"
 _CACHE_VERSION = 1
 _MASK64 = (1 << 64) - 1
-_SHUFFLE_TAG, _AUGMENT_TAG, _WORKER_TAG, _EVALUATE_TAG = 0x5348, 0x4155, 0x574B, 0x4556
+_SHUFFLE_TAG, _AUGMENT_TAG, _WORKER_TAG, _EVALUATE_TAG, _DRAWS_TAG = 0x5348, 0x4155, 0x574B, 0x4556, 0x4452
 
 
 @dataclass
@@ -119,6 +120,13 @@ def evaluation_seed(seed: int, batch: int) -> int:
     """The seed of the weight draws for evaluation batch ``batch`` of a run seeded with ``seed``:
     a function of the batch alone, so the draws do not depend on which process scores it."""
     return _mix(_EVALUATE_TAG, seed, batch)
+
+
+def posterior_draws_seed(seed: int, repeat: int = 0) -> int:
+    """The seed of an evaluation's fixed posterior draws (``predict.batchnorm: per_draw``) and
+    of the training batches their BatchNorm statistics are estimated on; ``repeat`` numbers
+    the evaluation seeds a run reports its spread over."""
+    return _mix(_DRAWS_TAG, seed, repeat)
 
 
 # --------------------------------------------------------------------------- data sets

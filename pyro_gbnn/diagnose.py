@@ -9,7 +9,9 @@ components) and ``merging.png`` (the mixture before and after merging), and
 ``summary.md`` (the run's table, the test metrics of these predictions, the Pareto k-hat
 of the variational fit where the guide has a density over the weights, PSIS-LOO and the
 out-of-distribution AUROC). A run trained with ``--tracker`` gets the pictures and the
-summary in its TensorBoard folder or MLflow run too. Bad input prints one line on stderr and exits with 2.
+summary in its TensorBoard folder or MLflow run too. ``--device`` (default ``auto``: the
+GPU when there is one) is where the model is rebuilt, whatever device the run trained on.
+Bad input prints one line on stderr and exits with 2.
 """
 
 from __future__ import annotations
@@ -31,11 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("run_dir", help="folder of a finished run (holds checkpoint.pt)")
     parser.add_argument("--data-dir", help="where the data set is now, if it moved since the run")
     parser.add_argument("--samples", type=int, help="posterior draws per test image (default: the run's predict.num_samples)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
     return parser
 
 
-def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, samples: int | None = None) -> list[Path]:
-    """Write the pictures and ``summary.md`` of a finished run; returns the written paths."""
+def diagnose_run(
+    run_dir: str | Path, data_dir: str | Path | None = None, samples: int | None = None, device: str | torch.device | None = "auto"
+) -> list[Path]:
+    """Write the pictures and ``summary.md`` of a finished run, its model rebuilt on ``device``
+    (``auto``: the GPU when there is one, whatever the run trained on); returns the written paths."""
     from pyro_gbnn.data import sample_examples
     from pyro_gbnn.fit import format_table
     from pyro_gbnn.metrics import classification_metrics, ood_metrics, reliability_diagram
@@ -57,7 +63,7 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
         raise UsageError(f"{str(run_dir)!r} holds no checkpoint.pt; pass the --out folder of a pyro_gbnn.fit run")
     if samples is not None and samples < 1:
         raise UsageError(f"--samples must be >= 1, got {samples}")
-    run = open_run(run_dir, data_dir)
+    run = open_run(run_dir, data_dir, device)
     network, guide = model_after_stage(run)
     out = run_dir / "diagnostics"
     torch.manual_seed(run.config["seed"])
@@ -76,9 +82,9 @@ def diagnose_run(run_dir: str | Path, data_dir: str | Path | None = None, sample
     if "sharing" in run.outputs:
         plan = SharingPlan.from_state(run.outputs["sharing"]["plan"])
         _, stage1 = model_after_stage(run, "mean_field")
-        moments = stage1.posterior_moments()
-        loc = torch.cat([moments[n][0].reshape(-1) for n in plan.site_names])
-        scale = torch.cat([moments[n][1].reshape(-1) for n in plan.site_names])
+        moments = stage1.posterior_moments()  # on run.device; the plan and the plots are on the CPU
+        loc = torch.cat([moments[n][0].detach().reshape(-1).cpu() for n in plan.site_names])
+        scale = torch.cat([moments[n][1].detach().reshape(-1).cpu() for n in plan.site_names])
         written.append(save_figure(sharing_plane(loc, scale, plan), out / "sharing_plane.png"))
         if plan.merged_from is not None:
             written.append(save_figure(merging_side_by_side(loc, scale, plan), out / "merging.png"))
@@ -133,13 +139,13 @@ def _variational_fit(run, network, guide, num_samples: int, test: tuple[torch.Te
     from pyro_gbnn.diagnostics import khat_reading, to_inference_data, variational_khat
 
     lines = []
-    x, y = sample_examples(run.data.train, examples, run.config["seed"])
+    x, y = (t.to(run.device) for t in sample_examples(run.data.train, examples, run.config["seed"]))  # the network's device
     try:
         khat, _ = variational_khat(network, guide, x, y, num_samples=max(num_samples, 100))
         lines.append(f"- Pareto k-hat of p(w, D) / q(w) ({len(y)} training examples scaled to the data set): {khat:.2f}, {khat_reading(khat)}")
     except UsageError as err:
         lines.append(f"- Pareto k-hat: not defined here ({err})")
-    x, y = test
+    x, y = (t.to(run.device) for t in test)
     idata = to_inference_data(guide, num_samples=max(num_samples, 100), bnn=network, data=(x, y))  # PSIS needs draws
     loo = psis_loo(idata)
     bad = int((loo.pareto_k > 0.7).sum())
@@ -150,7 +156,7 @@ def _variational_fit(run, network, guide, num_samples: int, test: tuple[torch.Te
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        paths = diagnose_run(args.run_dir, args.data_dir, args.samples)
+        paths = diagnose_run(args.run_dir, args.data_dir, args.samples, args.device)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

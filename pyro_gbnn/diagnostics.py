@@ -23,7 +23,7 @@ from torch import nn
 
 from pyro_gbnn.arviz_compat import from_groups, pareto_khat
 from pyro_gbnn.errors import UsageError
-from pyro_gbnn.predict import logits_for_draws
+from pyro_gbnn.predict import logits_for_draws, module_device
 from pyro_gbnn.reparameterization import _as_normal
 
 __all__ = ["to_inference_data", "variational_khat", "khat_reading"]
@@ -96,6 +96,8 @@ def _run_model_and_data(run_dir: str | Path, data, seed: int) -> tuple[nn.Module
 
 
 def _predictive_groups(bnn: nn.Module, draws: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict:
+    device = module_device(bnn)
+    x, y = x.to(device), y.to(device)
     was_training = bnn.training
     bnn.eval()
     try:
@@ -134,6 +136,8 @@ def variational_khat(
         raise UsageError(f"num_samples must be >= 25 to fit a Pareto tail (of at least 5 draws), got {num_samples}")
     if seed is not None:
         pyro.set_rng_seed(seed)
+    device = module_device(bnn, guide)
+    x, y = x.to(device), y.to(device)
     was_training = bnn.training
     bnn.eval()
     log_ratios = []

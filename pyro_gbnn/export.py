@@ -1,5 +1,5 @@
 """Command line: ``python -m pyro_gbnn.export RUN_DIR --out FILE [--precision fp32|int8]
-[--index-coding raw|zstd|ans] [--stage STAGE]``.
+[--index-coding raw|zstd|ans] [--stage STAGE] [--device auto|cpu|cuda|cuda:N]``.
 
 Writes the model of a finished run as one safetensors file (see
 :mod:`pyro_gbnn.model_file`) and prints its bytes, in total and per part, as JSON. Bad
@@ -27,13 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--index-coding", default="zstd", choices=INDEX_CODINGS, help="2DGBNN index: raw, zstd (default) or ans")
     parser.add_argument("--stage", help="export the model after this stage (default: the run's last)")
     parser.add_argument("--data-dir", help="where the data set is now, if it moved since the run")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        sizes = export_model(args.run_dir, args.out, args.precision, args.index_coding, args.stage, args.data_dir)
+        sizes = export_model(args.run_dir, args.out, args.precision, args.index_coding, args.stage, args.data_dir, args.device)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

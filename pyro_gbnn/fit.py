@@ -101,7 +101,16 @@ def resume_differences(args: argparse.Namespace, saved: dict) -> list[str]:
     if args.epochs is not None:
         given = merge(given, _epochs_update(given["method"], args.epochs))
     old, new = flatten(saved), flatten(apply_overrides(given, args.overrides))
-    return [f"{key} {new[key]!r} != saved {old.get(key)!r}" for key in new if new[key] != old.get(key)]
+    return [f"{key} {new[key]!r} != saved {old.get(key)!r}" for key in new if new[key] != old.get(key) and key not in RESUMABLE_ELSEWHERE]
+
+
+RESUMABLE_ELSEWHERE = ("device",)  # where a run computes may change on --resume (--set device=cpu); what it computes may not
+
+
+def _resume_device(args: argparse.Namespace, saved: dict) -> str | None:
+    """The device ``--set device=...`` asks a resumed run to move to, or None to keep the saved one."""
+    device = apply_overrides(saved, [o for o in args.overrides if o.split("=", 1)[0].strip() == "device"])["device"]
+    return None if device == saved.get("device") else device
 
 
 _COLUMNS = (  # (metrics key, header, width, format)
@@ -162,11 +171,15 @@ def main(argv: list[str] | None = None) -> int:
             differences = resume_differences(args, saved)
             if differences:
                 raise UsageError(f"--resume continues the run in {args.out!r} with its saved settings; these flags differ: {'; '.join(differences)}")
-            device = resolve_device(saved.get("device", "auto"))
+            moved_to = _resume_device(args, saved)
+            try:
+                device = resolve_device(moved_to or saved.get("device", "auto"))
+            except UsageError as err:
+                raise UsageError(f"{err}: add --set device=auto to the --resume command to continue the run here") from None
             joined = distributed.setup(device)
             if prints:
                 print(f"resuming {args.out} with its saved settings on {describe_device(device)}", flush=True)
-            metrics = run_fit(dict(DEFAULTS), args.out, resume=True, progress=not args.no_progress, data_dir=args.data_dir)
+            metrics = run_fit(dict(DEFAULTS), args.out, resume=True, progress=not args.no_progress, data_dir=args.data_dir, device=moved_to)
         else:
             config = build_config(args)
             source = base_config_file(args)

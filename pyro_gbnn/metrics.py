@@ -8,7 +8,7 @@ metrics return Python floats; entropies are in nats.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "accuracy",
+    "mean_and_spread",
     "negative_log_likelihood",
     "expected_calibration_error",
     "brier_score",
@@ -288,3 +289,13 @@ def reliability_diagram(probs: Tensor, labels: Tensor, n_bins: int = 15, ax: Axe
     ax.set_title(f"ECE = {ece:.4f}")
     ax.legend(loc="upper left")
     return ax
+
+
+def mean_and_spread(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Metrics of one evaluation, or of several (one per evaluation seed) their mean with
+    ``spread``: each metric's [min, max] over the runs and ``seeds``, how many there were."""
+    if len(runs) == 1:
+        return runs[0]
+    mean = {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
+    spread = {key: [min(run[key] for run in runs), max(run[key] for run in runs)] for key in runs[0]}
+    return {**mean, "spread": {**spread, "seeds": len(runs)}}

@@ -75,12 +75,20 @@ class ExportedModel:
     guide: nn.Module | None
     info: dict[str, Any]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network and guide are (the ``device`` :func:`load_model` was given)."""
+        from pyro_gbnn.predict import module_device
+
+        return module_device(self.network, self.guide)
+
     def predict(self, x: torch.Tensor, num_samples: int = 30):
         """Predictive probabilities, class, entropy and mutual information of a batch
-        (see :func:`pyro_gbnn.predict.predictive_summary`)."""
+        (see :func:`pyro_gbnn.predict.predictive_summary`); ``x`` is moved to the model's
+        device, the results are on the CPU."""
         from pyro_gbnn.predict import predictive_summary
 
-        return predictive_summary(self.network, self.guide, x, num_samples)
+        return predictive_summary(self.network, self.guide, x.to(self.device), num_samples)
 
 
 # ----------------------------------------------------------------------------- bits and values
@@ -107,7 +115,7 @@ class _Writer:
         self.tensors[key] = tensor.detach().cpu().contiguous().clone()
 
     def put_quantized(self, key: str, q: QuantizedTensor) -> None:
-        codes, signed = q.codes.reshape(-1).numpy(), q.zero_point is None
+        codes, signed = q.codes.reshape(-1).cpu().numpy(), q.zero_point is None
         if q.bits < 8:
             offset = 2 ** (q.bits - 1) - 1 if signed else 0
             codes = _pack_bits(codes.astype(np.int16) + offset, q.bits)
@@ -199,11 +207,11 @@ def _put_spike_slab(w: _Writer, guide: PrunedSpikeSlabGuide, header: dict) -> No
 def _put_shared_mixture(w: _Writer, guide: SharedMixtureGuide, header: dict, index_coding: str) -> None:
     k = guide.num_components
     n = sum(shape.numel() for shape in guide.site_shapes.values())
-    symbols = torch.empty(n, dtype=torch.long)
-    symbols[guide.inlier_index] = guide.inlier_component.long()
-    symbols[guide.outlier_index] = k
-    symbols[guide.ellipse_index] = k + 1
-    outliers = guide.outlier_index.argsort()
+    symbols = torch.empty(n, dtype=torch.long)  # on the CPU, where the index is coded
+    symbols[guide.inlier_index.cpu()] = guide.inlier_component.long().cpu()
+    symbols[guide.outlier_index.cpu()] = k
+    symbols[guide.ellipse_index.cpu()] = k + 1
+    outliers = guide.outlier_index.argsort()  # on the guide's device, as the tensors they order
     ellipses = guide.ellipse_index.argsort()
     read = _READ_BY[guide.semantics]
     header.update(
@@ -309,9 +317,12 @@ def export_model(
     index_coding: str = "zstd",
     stage: str | None = None,
     data_dir: str | Path | None = None,
+    device: str | torch.device | None = "auto",
 ) -> dict[str, int]:
     """Write the model of a finished run (after ``stage``, default its last) to ``out``;
-    returns the bytes of the file and of each part (``net``, ``posterior``, ``index``, ``header``)."""
+    returns the bytes of the file and of each part (``net``, ``posterior``, ``index``, ``header``).
+    The model is rebuilt on ``device`` (``auto``: the GPU when there is one; the run may have
+    trained on any device) and its tensors are written from the CPU, so the file loads anywhere."""
     from pyro_gbnn.methods import method_class
     from pyro_gbnn.pipeline import model_after_stage, open_run
 
@@ -322,7 +333,7 @@ def export_model(
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoint.pt").is_file():
         raise UsageError(f"{str(run_dir)!r} holds no checkpoint.pt; pass the --out folder of a pyro_gbnn.fit run")
-    run = open_run(run_dir, data_dir)
+    run = open_run(run_dir, data_dir, device)
     config = run.config
     stage = stage or method_class(config["method"]).stages[-1]
     network, guide = model_after_stage(run, stage)
@@ -388,15 +399,20 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, header
 
 
-def load_model(path: str | Path) -> ExportedModel:
-    """The network and guide of a file written by :func:`export_model`, on the CPU, in eval mode."""
+def load_model(path: str | Path, device: str | torch.device | None = "auto") -> ExportedModel:
+    """The network and guide of a file written by :func:`export_model`, in eval mode, on
+    ``device`` (``auto``, the default: the GPU when there is one, else the CPU; ``cpu``,
+    ``cuda``, ``cuda:N``). The file is decoded on the CPU and its tensors copied there."""
+    from pyro_gbnn.devices import resolve_device
     from pyro_gbnn.models import build_model
     from pyro_gbnn.pipeline import build_bnn
 
+    device = resolve_device(device)
     path = Path(path)
     tensors, header = _read_file(path)
     try:
         net = build_model(header["model"], header["num_classes"], header["in_channels"], header["image_size"], **header["model_args"])
+        net.to(device)  # before the BNN is built: its priors and initial values follow the weights
         r = _Reader(tensors, header)
         net_state = {key[4:]: t for key, t in tensors.items() if key.startswith("net/")}
         kind = header["kind"]
@@ -417,6 +433,7 @@ def load_model(path: str | Path) -> ExportedModel:
                 guide = _shared_mixture_guide(r, network, header)
             else:
                 raise ValueError(f"unknown kind {kind!r}")
+            guide.to(device)  # the normal and spike-and-slab guides are decoded on the CPU
     except (ValueError, RuntimeError, KeyError, TypeError) as err:
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise UsageError(f"{str(path)!r} is damaged or from another pyro_gbnn version ({reason}); export it again") from None

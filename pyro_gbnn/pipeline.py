@@ -20,6 +20,7 @@ packed codes (each method's module says how).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -38,14 +39,15 @@ from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.checkpoint import atomic_write_bytes, save_checkpoint
 from pyro_gbnn.checkpoint import load_checkpoint as _load_state
 from pyro_gbnn.config import dump_config, with_new_defaults
-from pyro_gbnn.data import DataSplits, evaluation_seed, load_dataset, make_loader, set_loader_epoch
+from pyro_gbnn.batchnorm import batchnorm_layers
+from pyro_gbnn.data import DataSplits, evaluation_seed, load_dataset, make_loader, posterior_draws_seed, set_loader_epoch
 from pyro_gbnn.devices import resolve_device
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.likelihoods import Categorical
-from pyro_gbnn.metrics import classification_metrics
+from pyro_gbnn.metrics import classification_metrics, mean_and_spread
 from pyro_gbnn.models import build_model
-from pyro_gbnn.predict import predict
+from pyro_gbnn.predict import FixedDraws, fixed_draws, predict
 from pyro_gbnn.registry import build_prior
 from pyro_gbnn.run_info import run_environment
 from pyro_gbnn.tracking import Tracker, open_tracker
@@ -182,21 +184,39 @@ class FitRun:
             },
         )
 
-    def evaluate(self, bnn: nn.Module, guide: nn.Module | None, split: str, num_samples: int) -> dict[str, float]:
+    def evaluate(self, bnn: nn.Module, guide: nn.Module | None, split: str, num_samples: int, repeat: int = 0) -> dict[str, float]:
         """Metrics of ``split`` under ``num_samples`` weight draws per batch, drawn from seeds
         of (run seed, batch): evaluating leaves the training's random stream alone, and in a
         data-parallel run each rank scores every world-size-th batch with the same draws as
-        one process would, so the gathered metrics equal the one-process ones."""
+        one process would, so the gathered metrics equal the one-process ones. With
+        ``predict.batchnorm: per_draw`` every batch shares ``num_samples`` fixed draws, each
+        with its own BatchNorm statistics (:meth:`fixed_draws`). ``repeat`` > 0 draws from
+        other seeds (the spread a run reports, ``predict.evaluation_seeds``)."""
         pred_cfg, size = self.config["predict"], self.config["data"]["eval_batch_size"]
         dataset = getattr(self.data, split)
         mine = list(range(distributed.rank(), -(-len(dataset) // size), distributed.world_size()))
         items = [i for b in mine for i in range(b * size, min((b + 1) * size, len(dataset)))]
         shard = dataset if len(items) == len(dataset) else Subset(dataset, items)
         loader = make_loader(shard, size, shuffle=False, num_workers=self.config["data"]["num_workers"], pin_memory=self.device.type == "cuda")
-        seeds = [evaluation_seed(self.config["seed"], b) for b in mine]
-        prediction = predict(bnn, guide, loader, num_samples=num_samples, sample_chunk=pred_cfg["sample_chunk"], seeds=seeds)
+        base = self.config["seed"] if repeat == 0 else posterior_draws_seed(self.config["seed"], repeat)
+        seeds = [evaluation_seed(base, b) for b in mine]
+        prediction = predict(bnn, guide, loader, num_samples=num_samples, sample_chunk=pred_cfg["sample_chunk"], seeds=seeds,
+                             draws=self.fixed_draws(bnn, guide, num_samples, repeat))
         probs, labels = _gathered_batches(mine, prediction.probs, prediction.labels, size)
         return classification_metrics(probs, labels, n_bins=pred_cfg["ece_bins"])
+
+    def fixed_draws(self, bnn: nn.Module, guide: nn.Module | None, num_samples: int, repeat: int = 0) -> FixedDraws | None:
+        """Under ``predict.batchnorm: per_draw`` (for a guide over a network with BatchNorm):
+        ``num_samples`` draws seeded by (run seed, ``repeat``), each with its BatchNorm
+        statistics re-estimated on ``predict.batchnorm_batches`` training batches (the same
+        seeded batches on every rank); else None (running statistics)."""
+        pred_cfg = self.config["predict"]
+        if pred_cfg["batchnorm"] != "per_draw" or guide is None or not batchnorm_layers(bnn):
+            return None
+        seed = posterior_draws_seed(self.config["seed"], repeat)
+        loader = make_loader(self.data.train, self.config["data"]["batch_size"], shuffle=True, seed=seed,
+                             num_workers=self.config["data"]["num_workers"], pin_memory=self.device.type == "cuda")
+        return fixed_draws(bnn, guide, num_samples, _FirstBatches(loader, pred_cfg["batchnorm_batches"]), seed)
 
     def finish_stage(
         self,
@@ -213,7 +233,8 @@ class FitRun:
         ``epochs`` default: the stage's config section's."""
         num_samples = 1 if guide is None else self.config["predict"]["num_samples"]
         started = time.perf_counter()
-        metrics = self.evaluate(bnn, guide, "test", num_samples)
+        repeats = 1 if guide is None else self.config["predict"]["evaluation_seeds"]
+        metrics = mean_and_spread([self.evaluate(bnn, guide, "test", num_samples, r) for r in range(repeats)])
         self.stage_time[stage] = self.stage_time.get(stage, 0.0) + time.perf_counter() - started  # wall time includes the test evaluation
         n_params = count_trainable(trained)
         n_params, size_bytes = (n_params, 4 * n_params) if size is None else size
@@ -226,6 +247,16 @@ class FitRun:
         }
         self.outputs[stage] = output
         self.log.write({"stage": stage, "finished": True, "test": self.results[stage]})
+
+
+class _FirstBatches:
+    """The first ``count`` batches of a seeded loader, the same ones each time it is iterated."""
+
+    def __init__(self, loader, count: int) -> None:
+        self.loader, self.count = loader, count
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.count)
 
 
 def _gathered_batches(mine: list[int], probs: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,15 +372,23 @@ def load_guide_state(run: FitRun, stage: str, elbo: AnalyticKL_ELBO, state: dict
         raise UsageError(f"the {stage} guide in {str(run.out)!r} was written by another version of pyro_gbnn ({first}); re-run that stage") from None
 
 
-def open_run(out_dir: str | Path, data_dir: str | Path | None = None) -> FitRun:
+def open_run(out_dir: str | Path, data_dir: str | Path | None = None, device: str | torch.device | None = "auto") -> FitRun:
     """A run folder's config, data, results and stage outputs, read once (``data_dir``: where
-    the data are now, if they moved); :func:`model_after_stage` rebuilds its models."""
+    the data are now, if they moved); :func:`model_after_stage` rebuilds its models.
+
+    ``device`` (``auto``: the GPU when there is one, else the CPU; ``cpu``, ``cuda``,
+    ``cuda:N``) is where its models are rebuilt, whatever device the run trained on: the
+    saved ``device`` of the config is not read, so a GPU run opens on a CPU-only machine.
+    """
+    run_device = resolve_device(device)  # a missing GPU is a one-line error before any data is read
     out = Path(out_dir)
     state = load_checkpoint(out / "checkpoint.pt")
     config = state["config"]
     if data_dir is not None:
         config["data"]["dir"] = str(data_dir)
-    return FitRun(config, out, _load_data(config), False, state["results"], state["outputs"], state["stage_time"])
+    return FitRun(
+        config, out, _load_data(config), False, state["results"], state["outputs"], state["stage_time"], device=run_device
+    )
 
 
 def model_after_stage(run: FitRun, stage: str | None = None) -> tuple[nn.Module, nn.Module | None]:
@@ -358,7 +397,8 @@ def model_after_stage(run: FitRun, stage: str | None = None) -> tuple[nn.Module,
     The network is the deterministic one after ``deterministic`` (guide None), else the
     ``BayesianNetwork``; the guide is the one the stage evaluated (for ``quantize``, the
     quantized guide at the first of ``int8.scale_bits``; for ``sharing``, the stage-2
-    guide before fine-tuning).
+    guide before fine-tuning). Both are built on ``run.device`` (not the device the run
+    trained on); the saved tensors are read on the CPU and copied there.
     """
     method = _method(run.config)
     stage = stage or method.stages[-1]
@@ -369,11 +409,15 @@ def model_after_stage(run: FitRun, stage: str | None = None) -> tuple[nn.Module,
 
 
 def load_run_model(
-    out_dir: str | Path, data_dir: str | Path | None = None, stage: str | None = None
+    out_dir: str | Path,
+    data_dir: str | Path | None = None,
+    stage: str | None = None,
+    device: str | torch.device | None = "auto",
 ) -> tuple[FitRun, nn.Module, nn.Module | None]:
-    """(run, network, guide) of a run folder after ``stage`` (default: its last):
-    :func:`open_run` then :func:`model_after_stage`."""
-    run = open_run(out_dir, data_dir)
+    """(run, network, guide) of a run folder after ``stage`` (default: its last), on
+    ``device`` (default ``auto``: the GPU when there is one): :func:`open_run` then
+    :func:`model_after_stage`."""
+    run = open_run(out_dir, data_dir, device)
     return (run, *model_after_stage(run, stage))
 
 
@@ -442,10 +486,13 @@ def run_fit(
     resume: bool = False,
     progress: bool | None = None,
     data_dir: str | Path | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every stage of ``config["method"]``; returns the contents of metrics.json.
 
-    On resume the saved config is used; ``data_dir`` may point to the data's new place.
+    On resume the saved config is used; ``data_dir`` may point to the data's new place and
+    ``device`` to another device (a run trained on a GPU continues on a CPU: the same
+    computation, other random draws from there on).
     Runs with ``torch.use_deterministic_algorithms`` on (restored afterwards): the
     shared-mixture guide's gathers back-propagate through scatter-adds whose default CPU
     kernels sum in a thread-dependent order, and a resumed run must match exactly. On a
@@ -463,12 +510,12 @@ def run_fit(
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _run_fit(config, out_dir, resume, progress, data_dir)
+        return _run_fit(config, out_dir, resume, progress, data_dir, device)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
-def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
+def _run_fit(config, out_dir, resume, progress, data_dir, device) -> dict[str, Any]:
     out = Path(out_dir)
     checkpoint = out / "checkpoint.pt"
     state = None
@@ -477,6 +524,8 @@ def _run_fit(config, out_dir, resume, progress, data_dir) -> dict[str, Any]:
         config = state["config"]
         if data_dir is not None:
             config["data"]["dir"] = str(data_dir)
+        if device is not None:
+            config["device"] = device
     elif checkpoint.exists() or (out / "metrics.json").exists():
         raise UsageError(f"{str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
     validate_config(config)

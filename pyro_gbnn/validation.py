@@ -76,6 +76,7 @@ VARIATIONAL = SCHEDULED[1:]
 
 
 def _rules() -> dict[str, Check]:
+    from pyro_gbnn.batchnorm import BATCHNORM_MODES
     from pyro_gbnn.data import DATASETS
     from pyro_gbnn.guides.shared_mixture import KL_WEIGHTINGS, PRIOR_CHOICES, SEMANTICS
     from pyro_gbnn.guides.sparse_subspace import ADDITION_RULES, REMOVAL_CRITERIA
@@ -143,6 +144,9 @@ def _rules() -> dict[str, Check]:
         "predict.num_samples": _integer(1),
         "predict.ece_bins": _integer(1),
         "predict.sample_chunk": _integer(1, none=True),
+        "predict.batchnorm": _choice(BATCHNORM_MODES),
+        "predict.batchnorm_batches": _integer(1),
+        "predict.evaluation_seeds": _integer(1),
     }
     for section in SCHEDULED:
         rules |= {

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import itertools
-
 from contextlib import contextmanager, nullcontext
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
@@ -14,10 +13,14 @@ from pyro import poutine
 from torch import nn
 from torch.func import vmap
 
+from pyro_gbnn.batchnorm import batchnorm_statistics, current_batchnorm_statistics, load_batchnorm_statistics
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.metrics import mutual_information, predictive_entropy
 
-__all__ = ["Prediction", "PredictiveSummary", "draw_weights", "logits_for_draws", "predict_batch", "predict", "predictive_summary", "module_device"]
+__all__ = [
+    "FixedDraws", "Prediction", "PredictiveSummary", "draw_weights", "fixed_draws", "logits_for_draws", "module_device",
+    "predict", "predict_batch", "predictive_summary",
+]
 
 
 class Prediction(NamedTuple):
@@ -93,6 +96,7 @@ def predict(
     device: torch.device | str | None = None,
     vectorize: bool | None = None,
     seeds: Sequence[int] | None = None,
+    draws: FixedDraws | None = None,
 ) -> Prediction:
     """Posterior predictive over a loader: each batch gets its own ``num_samples`` weight draws.
 
@@ -101,28 +105,74 @@ def predict(
     moved to ``device`` (default: where the network's parameters are). With ``seeds``
     (one per batch), batch i's draws come from a generator seeded with ``seeds[i]`` and
     the global random stream is left as it was: the result no longer depends on what ran
-    before, or on which process scores which batch.
+    before, or on which process scores which batch. With ``draws`` (:func:`fixed_draws`)
+    every batch uses those draws, each with its own BatchNorm statistics, instead
+    (``num_samples`` and ``seeds`` are then not used).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     was_training = bnn.training
     bnn.eval()
     device = module_device(bnn, guide) if device is None else torch.device(device)
+    running = current_batchnorm_statistics(bnn) if draws is not None else None
     probs, labels, samples = [], [], []
     try:
         for i, (x, y) in enumerate(batches):
             x = x.to(device, non_blocking=True)
-            with _seeded(seeds[i], x.device) if seeds is not None else nullcontext():
-                sample_probs = predict_batch(bnn, guide, x, num_samples, sample_chunk, vectorize)
+            if draws is not None:
+                sample_probs = _probs_under(bnn, x, draws)
+            else:
+                with _seeded(seeds[i], x.device) if seeds is not None else nullcontext():
+                    sample_probs = predict_batch(bnn, guide, x, num_samples, sample_chunk, vectorize)
             probs.append(sample_probs.mean(0))
             labels.append(y)
             if keep_samples:
                 samples.append(sample_probs.cpu())
     finally:
         bnn.train(was_training)
+        if running is not None:
+            load_batchnorm_statistics(bnn, running)
     return Prediction(  # one copy to the host at the end, not one wait per batch
         torch.cat(probs).cpu(), torch.cat([y.cpu() for y in labels]), torch.cat(samples, dim=1) if keep_samples else None
     )
+
+
+class FixedDraws(NamedTuple):
+    """S weight draws that every batch of a prediction shares ({site: [S, *shape]}), and
+    the BatchNorm statistics of each (``statistics[s]``, see :mod:`pyro_gbnn.batchnorm`)."""
+
+    weights: dict[str, torch.Tensor]
+    statistics: list[dict[str, torch.Tensor]]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.statistics)
+
+
+@torch.no_grad()
+def fixed_draws(
+    bnn: BayesianNetwork, guide: nn.Module, num_samples: int, batchnorm_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    seed: int = 0,
+) -> FixedDraws:
+    """``num_samples`` weight draws (seeded by ``seed``; the global random stream is left
+    alone), each with BatchNorm statistics re-estimated on ``batchnorm_batches`` under its
+    weights (:func:`~pyro_gbnn.batchnorm.batchnorm_statistics`). ``batchnorm_batches`` is
+    iterated once per draw, so it must repeat itself (a list, or a seeded loader)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    with _seeded(seed, module_device(bnn, guide)):
+        weights = draw_weights(bnn, guide, num_samples)
+    statistics = [batchnorm_statistics(bnn, {k: v[s] for k, v in weights.items()}, batchnorm_batches) for s in range(num_samples)]
+    return FixedDraws(weights, statistics)
+
+
+def _probs_under(bnn: BayesianNetwork, x: torch.Tensor, draws: FixedDraws) -> torch.Tensor:
+    """[S, B, C] class probabilities of one batch, draw s with its own BatchNorm statistics."""
+    out = []
+    for s, statistics in enumerate(draws.statistics):
+        load_batchnorm_statistics(bnn, statistics)
+        out.append(_logits_given(bnn, x, {k: v[s] for k, v in draws.weights.items()}).softmax(-1))
+    return torch.stack(out)
 
 
 def module_device(*modules: nn.Module | None) -> torch.device:

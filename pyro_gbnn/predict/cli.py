@@ -3,7 +3,8 @@
 Prints, per image (a file, or every image in a folder), the predicted class, its
 probability, the predictive entropy and the mutual information (nats) under a model file
 written by ``python -m pyro_gbnn.export``; ``--json`` prints one JSON object per image with
-every class probability. The same numbers for tensors:
+every class probability; ``--device`` (default ``auto``: the GPU when there is one) is where
+the model runs. The same numbers for tensors:
 :func:`pyro_gbnn.predict.predictive_summary` (or ``load_model(path).predict(x)``).
 Bad input prints one line on stderr and exits with 2.
 """
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, help="posterior draws per image (default: the run's predict.num_samples)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the posterior draws (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image, with every class probability")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
     return parser
 
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.samples is not None and args.samples < 1:
             raise UsageError(f"--samples must be >= 1, got {args.samples}")
-        model = load_model(args.model_file)
+        model = load_model(args.model_file, device=args.device)
         info = model.info
         paths = _image_paths(args.images)
         x = torch.stack([image_for_model(p, info["dataset"], info["in_channels"], info["image_size"]) for p in paths])
