@@ -30,16 +30,24 @@ from pathlib import Path
 
 import pyro
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pyro_gbnn.config import apply_overrides, load_config  # noqa: E402
-from pyro_gbnn.data import ImageTensorDataset, load_dataset, make_loader  # noqa: E402
+from pyro_gbnn.data import load_dataset, make_loader  # noqa: E402
 from pyro_gbnn.metrics import calibration_bins, classification_metrics, ood_metrics  # noqa: E402
 from pyro_gbnn.pipeline import branch_run, model_after_stage, open_run, run_fit  # noqa: E402
 from pyro_gbnn.predict import predict  # noqa: E402
-from pyro_gbnn.shift import CORRUPTIONS, corrupted_test_set, mnist_as_cifar  # noqa: E402
+from pyro_gbnn.shift import (  # noqa: E402
+    CORRUPTIONS,
+    cifar10c_folder,
+    cifar10c_test_set,
+    corrupted_test_set,
+    digits_as_cifar_test_set,
+    svhn_test_set,
+)
 
 BUDGET = ROOT / "configs" / "cifar10_resnet20_budget.yaml"
 MNIST_BUDGET = ROOT / "configs" / "mnist_quick_2dgbnn.yaml"
@@ -80,7 +88,7 @@ ABLATIONS = {
 }
 BASE_LABEL = {"table5_outliers_ellipses": "full", "table10_merging": "merging", "table8_tau_w": "tau_w=0.2", "semantics": "tied"}
 
-ROW_KEYS = ("accuracy", "nll", "ece", "brier", "n_params_trainable", "n_params_paper", "size_bytes", "size_bytes_index",
+ROW_KEYS = ("accuracy", "nll", "ece", "brier", "batchnorm", "n_params_trainable", "n_params_paper", "size_bytes", "size_bytes_index",
             "n_outliers", "n_ellipses", "n_gaussians", "sparsity", "density", "epochs", "wall_time_s")
 SEVERITIES = (1, 3, 5)
 
@@ -131,9 +139,24 @@ def cifar10_runs(args: argparse.Namespace) -> dict[str, dict]:
     return runs
 
 
+# The config section whose KL weight trained a stage's posterior.
+POSTERIOR_SECTION = {"mean_field": "mean_field", "quantize": "mean_field", "fine_tune": "fine_tune", "prune": "spike_slab", "ssvi": "ssvi"}
+
+
+def posterior_settings(folder: Path, stage: str) -> dict:
+    """The settings that temper a row's posterior, stated beside its numbers: the weight prior
+    and the KL weight its stage trained with (``kl_scale``, 1: the ELBO); none for stage 0."""
+    if stage not in POSTERIOR_SECTION:
+        return {}
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    prior = config["bnn"]["prior"]
+    args = ", ".join(f"{k}={v}" for k, v in (prior.get("args") or {}).items())
+    return {"prior": f"{prior['class']}({args})", "kl_scale": config[POSTERIOR_SECTION[stage]]["kl_scale"]}
+
+
 def table_cifar10(args: argparse.Namespace) -> dict:
     runs = cifar10_runs(args)
-    rows = {name: row(runs[run], stage) for name, run, stage in CIFAR_ROWS}
+    rows = {name: row(runs[run], stage) | posterior_settings(args.out / "cifar10" / run, stage) for name, run, stage in CIFAR_ROWS}
     mf, gbnn = rows["mean-field"], rows["2dgbnn"]
     checks = {
         "accuracy_gap_points": round(100 * (mf["accuracy"] - gbnn["accuracy"]), 2),
@@ -161,9 +184,9 @@ def table_ablations(args: argparse.Namespace) -> dict:
     return tables
 
 
-def _scored(bnn, guide, dataset, args: argparse.Namespace, samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _scored(bnn, guide, dataset, args: argparse.Namespace, samples: int, draws=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     loader = make_loader(dataset, args.eval_batch_size, shuffle=False)
-    prediction = predict(bnn, guide, loader, num_samples=samples, keep_samples=True)
+    prediction = predict(bnn, guide, loader, num_samples=samples, keep_samples=True, draws=draws)
     return prediction.probs, prediction.labels, prediction.sample_probs
 
 
@@ -174,11 +197,18 @@ def table_shift(args: argparse.Namespace) -> dict:
     order = torch.randperm(len(cifar.test), generator=torch.Generator().manual_seed(0))[: args.shift_examples]
     clean = cifar.test.subset(order, cifar.test.transform)
     labels = clean.targets
-    picked = torch.randperm(len(mnist.test), generator=torch.Generator().manual_seed(0))[: args.shift_examples]
-    digits = torch.stack([mnist.test.load(int(i))[0] for i in picked])
-    sets = {"clean": clean} | {f"{name}/{s}": corrupted_test_set(clean, name, s, seed=s) for name in CORRUPTIONS for s in SEVERITIES}
-    ood = ImageTensorDataset(mnist_as_cifar(digits), torch.zeros(len(digits), dtype=torch.int64), cifar.test.transform)
-    report = {"examples": len(clean), "ood_examples": len(digits), "models": {}}
+    real = cifar10c_folder(args.data_dir)
+    if real is None:
+        sets = {"clean": clean} | {f"{name}/{s}": corrupted_test_set(clean, name, s, seed=s) for name in CORRUPTIONS for s in SEVERITIES}
+    else:
+        sets = {"clean": clean} | {f"{name}/{s}": cifar10c_test_set(real, name, s, cifar.test.transform, args.shift_examples)
+                                   for name in CORRUPTIONS for s in SEVERITIES}
+    ood_sets = {"mnist": digits_as_cifar_test_set(mnist.test, cifar.test.transform, args.shift_examples, seed=0)}
+    svhn = svhn_test_set(args.data_dir, cifar.test.transform, args.shift_examples, seed=0, download=args.download)
+    if svhn is not None:
+        ood_sets["svhn"] = svhn
+    report = {"examples": len(clean), "corruptions": "CIFAR-10-C" if real else "made on the fly (pyro_gbnn.shift)",
+              "ood_examples": {k: len(v) for k, v in ood_sets.items()}, "models": {}}
     opened = {}  # a run folder's data and outputs, read once for all the rows it holds
     for name, run, stage in CIFAR_ROWS:
         started = time.perf_counter()
@@ -187,23 +217,27 @@ def table_shift(args: argparse.Namespace) -> dict:
         bnn, guide = model_after_stage(opened[run], stage)
         pyro.set_rng_seed(0)  # each model's draws from the same seed: a row does not depend on the rows before it
         samples = 1 if guide is None else args.samples
+        draws = opened[run].fixed_draws(bnn, guide, samples)  # the run's predict.batchnorm: per-draw statistics, or None
         scores, clean_probs = {}, None
         for key, dataset in sets.items():
-            probs, y, sample_probs = _scored(bnn, guide, dataset, args, samples)
+            probs, y, sample_probs = _scored(bnn, guide, dataset, args, samples, draws)
             scores[key] = classification_metrics(probs, y)
             if key == "clean":
                 clean_probs, clean_samples = probs, sample_probs
-        probs_out, _, samples_out = _scored(bnn, guide, ood, args, samples)
-        ood_scores = ood_metrics(clean_probs, probs_out, clean_samples, samples_out) if guide is not None else ood_metrics(clean_probs, probs_out)
+        ood_scores = {}
+        for ood_name, ood in ood_sets.items():
+            probs_out, _, samples_out = _scored(bnn, guide, ood, args, samples, draws)
+            ood_scores[ood_name] = ood_metrics(clean_probs, probs_out, clean_samples, samples_out) if guide is not None \
+                else ood_metrics(clean_probs, probs_out)
         by_severity = {
             str(s): {m: sum(scores[f"{c}/{s}"][m] for c in CORRUPTIONS) / len(CORRUPTIONS) for m in ("accuracy", "nll", "ece")}
             for s in SEVERITIES
         }
         bins = dict(zip(("count", "confidence_sum", "correct_sum"), (b.tolist() for b in calibration_bins(clean_probs, labels))))
         report["models"][name] = {"clean": scores["clean"], "corrupted_mean_by_severity": by_severity, "corrupted": scores,
-                                  "ood_mnist": ood_scores, "clean_calibration_bins": bins,
+                                  **{f"ood_{k}": v for k, v in ood_scores.items()}, "clean_calibration_bins": bins,
                                   "wall_time_s": round(time.perf_counter() - started, 1)}
-        print(json.dumps({name: {"clean": scores["clean"]["accuracy"], "severity5": by_severity["5"]["accuracy"], "ood": ood_scores}}), flush=True)
+        print(json.dumps({name: {"clean": scores["clean"]["accuracy"], "severity5": by_severity["5"]["accuracy"], **ood_scores}}), flush=True)
     return report
 
 
@@ -242,20 +276,25 @@ def _metrics(r: dict) -> str:
     return f"{100 * r['accuracy']:.2f} | {r['nll']:.3f} | {r['ece']:.3f}"
 
 
+def _tempering(r: dict) -> str:
+    return f"{r['prior']}, {r['kl_scale']:g}" if "prior" in r else "-"
+
+
 def _count(r: dict, key: str) -> str:
     return f"{r[key]:,}" if key in r else "-"
 
 
 def render_cifar10(report: dict) -> str:
     rows = report["result"]["rows"]
-    lines = ["| method | acc % | NLL | ECE | paper acc % | paper NLL | paper ECE | params trained | size bytes (index) | time s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| method | acc % | NLL | ECE | paper acc % | paper NLL | paper ECE | prior, KL weight | BatchNorm | params trained | "
+             "size bytes (index) | time s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
     for name, r in rows.items():
         index = f" ({r['size_bytes_index']:,})" if "size_bytes_index" in r else ""
-        lines.append(f"| {name} | {_metrics(r)} | {_paper(PAPER['cifar10'][name])} | {r['n_params_trainable']:,} | "
-                     f"{r['size_bytes']:,}{index} | {r['total_wall_time_s']:.0f} |")
+        lines.append(f"| {name} | {_metrics(r)} | {_paper(PAPER['cifar10'][name])} | {_tempering(r)} | {r.get('batchnorm', '-')} | "
+                     f"{r['n_params_trainable']:,} | {r['size_bytes']:,}{index} | {r['total_wall_time_s']:.0f} |")
     for bits, r in (report["result"].get("int8_by_scale_bits") or {}).items():
-        lines.append(f"| int8, {bits}-bit std | {_metrics(r)} | {_paper(PAPER['int8_sigma'].get(bits))} | - | {r['size_bytes']:,} | - |")
+        lines.append(f"| int8, {bits}-bit std | {_metrics(r)} | {_paper(PAPER['int8_sigma'].get(bits))} | - | - | - | {r['size_bytes']:,} | - |")
     return "\n".join(lines)
 
 
@@ -274,15 +313,20 @@ def render_ablations(report: dict) -> str:
 
 def render_shift(report: dict) -> str:
     models = report["result"]["models"]
-    lines = ["| model | clean acc % | clean ECE | acc % sev 1 / 3 / 5 | ECE sev 1 / 3 / 5 | NLL sev 5 | AUROC entropy / MI | AUPR entropy / MI | FPR95 entropy / MI |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    ood_names = [k.removeprefix("ood_") for k in next(iter(models.values())) if k.startswith("ood_")]
+    label = {"mnist": "MNIST", "svhn": "SVHN"}
+    lines = ["| model | clean acc % | clean ECE | acc % sev 1 / 3 / 5 | ECE sev 1 / 3 / 5 | NLL sev 5 | "
+             + " | ".join(f"{label.get(n, n)} AUROC entropy / MI | {label.get(n, n)} AUPR entropy / MI | {label.get(n, n)} FPR95 entropy / MI"
+                          for n in ood_names) + " |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---: | ---:" for _ in ood_names) + " |"]
     for name, m in models.items():
-        sev, ood = m["corrupted_mean_by_severity"], m["ood_mnist"]
-        pair = lambda key: f"{ood[f'entropy_{key}']:.3f} / " + (f"{ood[f'mi_{key}']:.3f}" if f"mi_{key}" in ood else "-")  # noqa: E731
+        sev = m["corrupted_mean_by_severity"]
+        pair = lambda ood, key: f"{ood[f'entropy_{key}']:.3f} / " + (f"{ood[f'mi_{key}']:.3f}" if f"mi_{key}" in ood else "-")  # noqa: E731
         lines.append(f"| {name} | {100 * m['clean']['accuracy']:.2f} | {m['clean']['ece']:.3f} | "
                      + " / ".join(f"{100 * sev[s]['accuracy']:.1f}" for s in ("1", "3", "5")) + " | "
                      + " / ".join(f"{sev[s]['ece']:.3f}" for s in ("1", "3", "5"))
-                     + f" | {sev['5']['nll']:.3f} | {pair('auroc')} | {pair('aupr')} | {pair('fpr95')} |")
+                     + f" | {sev['5']['nll']:.3f} | "
+                     + " | ".join(" | ".join(pair(m[f"ood_{n}"], key) for key in ("auroc", "aupr", "fpr95")) for n in ood_names) + " |")
     return "\n".join(lines)
 
 
@@ -377,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, help="JSON file to write (default benchmarks/results/reproduce-<table>.json); report: the folder holding them")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
     parser.add_argument("--shift-examples", type=int, default=2000, help="CIFAR-10 test images (and MNIST digits) scored under shift")
+    parser.add_argument("--download", action="store_true", help="shift: download SVHN's test set through torchvision if it is missing")
     parser.add_argument("--samples", type=int, default=10, help="posterior samples per prediction in the shift table")
     parser.add_argument("--eval-batch-size", type=int, default=500)
     parser.add_argument("--only", nargs="+", choices=ABLATIONS, help="ablations: only these tables (default: all)")

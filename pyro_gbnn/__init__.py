@@ -16,7 +16,7 @@ from pyro_gbnn.likelihoods import Categorical, Gaussian
 from pyro_gbnn.model_file import export_model, load_model
 from pyro_gbnn.models import build_model
 from pyro_gbnn.pipeline import load_run_model, run_fit
-from pyro_gbnn.predict import predict, predictive_summary
+from pyro_gbnn.predict import fixed_draws, predict, predictive_summary
 from pyro_gbnn.priors import IIDNormalPrior, LayerwiseNormalPrior, Prior, ScaleMixturePrior
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "load_run_model",
     "make_loader",
     "metrics",
+    "fixed_draws",
     "predict",
     "predictive_summary",
     "run_fit",

@@ -18,11 +18,16 @@ import torch
 from pyro import poutine
 from torch import nn
 
-__all__ = ["BATCHNORM_MODES", "batchnorm_layers", "batchnorm_statistics", "current_batchnorm_statistics", "load_batchnorm_statistics"]
+__all__ = [
+    "BATCHNORM_MODES", "PER_DRAW_STATISTICS", "batchnorm_layers", "batchnorm_statistics", "current_batchnorm_statistics",
+    "load_batchnorm_statistics", "per_draw_batchnorm_bytes",
+]
 
 BATCHNORM_MODES = ("running", "per_draw")
 
 _STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+# What a prediction reads of each draw's statistics (and a model file stores, fp32).
+PER_DRAW_STATISTICS = ("running_mean", "running_var")
 
 
 def batchnorm_layers(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -79,3 +84,9 @@ def load_batchnorm_statistics(bnn: nn.Module, statistics: dict[str, torch.Tensor
     for name, m in batchnorm_layers(bnn).items():
         for k in _STATISTICS:
             getattr(m, k).copy_(statistics[f"{name}.{k}"])
+
+
+def per_draw_batchnorm_bytes(bnn: nn.Module, num_draws: int) -> int:
+    """Bytes of ``num_draws`` draws' BatchNorm statistics as a model file stores them (fp32
+    means and variances of every BatchNorm channel): what ``per_draw`` adds to a model's size."""
+    return 4 * num_draws * sum(getattr(m, k).numel() for m in batchnorm_layers(bnn).values() for k in PER_DRAW_STATISTICS)

@@ -159,11 +159,12 @@ DEFAULTS: dict[str, Any] = {
         "estimator": "local",
         "bayesian_norm": False,
     },
-    # batchnorm: "running" (the statistics gathered in training) or "per_draw" (re-estimated for
-    # each of num_samples fixed draws on batchnorm_batches training batches, pyro_gbnn.batchnorm);
+    # batchnorm: "per_draw" (each of num_samples fixed draws gets BatchNorm statistics re-estimated
+    # on batchnorm_batches training batches, pyro_gbnn.batchnorm; model files store them) or "running"
+    # (the statistics gathered in training, over other draws: seed-dependent, less calibrated);
     # evaluation_seeds > 1: a stage's test metrics are the mean over that many seeds, with their range.
-    "predict": {"num_samples": 30, "ece_bins": 15, "sample_chunk": 10, "batchnorm": "running", "batchnorm_batches": 20,
-                "evaluation_seeds": 1},
+    "predict": {"num_samples": 30, "ece_bins": 15, "sample_chunk": 10, "batchnorm": "per_draw", "batchnorm_batches": 20,
+                "evaluation_seeds": 3},
 }
 
 

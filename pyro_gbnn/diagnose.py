@@ -68,7 +68,9 @@ def diagnose_run(
     out = run_dir / "diagnostics"
     torch.manual_seed(run.config["seed"])
     num_samples = 1 if guide is None else samples or run.config["predict"]["num_samples"]
-    prediction = predict(network, guide, run.loader("test"), num_samples=num_samples, sample_chunk=run.config["predict"]["sample_chunk"])
+    draws = run.fixed_draws(network, guide, num_samples)  # per-draw BatchNorm statistics, or None
+    prediction = predict(network, guide, run.loader("test"), num_samples=num_samples, sample_chunk=run.config["predict"]["sample_chunk"],
+                         draws=draws)
     bins = run.config["predict"]["ece_bins"]
     classes = run.data.classes
     written = [
@@ -90,7 +92,7 @@ def diagnose_run(
             written.append(save_figure(merging_side_by_side(loc, scale, plan), out / "merging.png"))
     x, y = sample_examples(run.data.test, 1000, run.config["seed"])
     shuffled = _pixel_shuffled(x, run.config["seed"])
-    predict_chunk = dict(num_samples=num_samples, sample_chunk=run.config["predict"]["sample_chunk"])
+    predict_chunk = dict(num_samples=num_samples, sample_chunk=run.config["predict"]["sample_chunk"], draws=draws)
     probs_in = predict(network, guide, [(x, y)], **predict_chunk).probs
     probs_out = predict(network, guide, [(shuffled, y)], **predict_chunk).probs
     names = ("test images", "the same, pixels shuffled")
@@ -106,7 +108,8 @@ def diagnose_run(
     summary.write_text(
         f"# {run.config['method']} on {run.config['dataset']} ({run.config['model']})\n\n"
         f"```\n{format_table({'stages': run.results})}\n```\n\n"
-        f"Test predictions drawn here ({num_samples} posterior draws per image): "
+        f"Test predictions drawn here ({num_samples} posterior draws per image"
+        + (", each with its own BatchNorm statistics" if draws is not None else "") + "): "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         + "\n\n"
         + "".join(f"{line}\n" for line in fit)
@@ -146,7 +149,9 @@ def _variational_fit(run, network, guide, num_samples: int, test: tuple[torch.Te
     except UsageError as err:
         lines.append(f"- Pareto k-hat: not defined here ({err})")
     x, y = (t.to(run.device) for t in test)
-    idata = to_inference_data(guide, num_samples=max(num_samples, 100), bnn=network, data=(x, y))  # PSIS needs draws
+    batchnorm = run.batchnorm_batches() if run.per_draw_batchnorm(network, guide) else None
+    idata = to_inference_data(guide, num_samples=max(num_samples, 100), bnn=network, data=(x, y),  # PSIS needs draws
+                              batchnorm_batches=batchnorm)
     loo = psis_loo(idata)
     bad = int((loo.pareto_k > 0.7).sum())
     lines.append(f"- PSIS-LOO on {len(y)} test examples: elpd_loo {loo.elpd:.1f} (SE {loo.se:.1f}), p_loo {loo.p:.1f}, {bad} points with k > 0.7")

@@ -13,7 +13,7 @@ Works on ArviZ 0.x and 1.x (see :mod:`pyro_gbnn.arviz_compat`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pyro
@@ -23,7 +23,8 @@ from torch import nn
 
 from pyro_gbnn.arviz_compat import from_groups, pareto_khat
 from pyro_gbnn.errors import UsageError
-from pyro_gbnn.predict import logits_for_draws, module_device
+from pyro_gbnn.batchnorm import current_batchnorm_statistics, load_batchnorm_statistics
+from pyro_gbnn.predict import logits_for_draws, logits_under, module_device, with_batchnorm_statistics
 from pyro_gbnn.reparameterization import _as_normal
 
 __all__ = ["to_inference_data", "variational_khat", "khat_reading"]
@@ -39,6 +40,7 @@ def to_inference_data(
     *,
     bnn: nn.Module | None = None,
     data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    batchnorm_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Any:
     """Draws of the guide's weights as ``InferenceData`` (ArviZ 1.x: a ``DataTree`` with the
     same groups) with one chain, named dims.
@@ -50,7 +52,9 @@ def to_inference_data(
     network runs once per draw on all of it): ``log_likelihood`` and
     ``posterior_predictive`` ``y`` [chain, draw, example], pointwise log p(y_n | w) and a
     label drawn from p(y | x_n, w), and ``observed_data`` ``y`` [example], from the same
-    weight draws as the posterior. Needs a guide with ``sample_weights(num_samples)``.
+    weight draws as the posterior; with ``batchnorm_batches`` (training batches) each draw
+    predicts with its own BatchNorm statistics (``predict.batchnorm: per_draw``). Needs a
+    guide with ``sample_weights(num_samples)``.
 
     ``guide`` may instead be a finished run's folder: its final model, with (unless ``data``
     is given) 1,000 test examples drawn at random under ``seed`` for the predictive groups.
@@ -80,7 +84,7 @@ def to_inference_data(
         dims["component"] = ["component", "coordinate"]
     groups = {}
     if data is not None:
-        groups = _predictive_groups(bnn, draws, *data)
+        groups = _predictive_groups(bnn, draws, *data, batchnorm_batches=batchnorm_batches)
         dims["y"] = ["example"]
     return from_groups({"posterior": posterior, **groups}, dims, {"coordinate": ["mu", "sigma"]})
 
@@ -95,15 +99,21 @@ def _run_model_and_data(run_dir: str | Path, data, seed: int) -> tuple[nn.Module
     return guide, bnn, data if data is not None else sample_examples(run.data.test, 1000, seed)
 
 
-def _predictive_groups(bnn: nn.Module, draws: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict:
+def _predictive_groups(bnn: nn.Module, draws: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                       batchnorm_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
     device = module_device(bnn)
     x, y = x.to(device), y.to(device)
     was_training = bnn.training
+    running = current_batchnorm_statistics(bnn)
     bnn.eval()
     try:
-        logits = logits_for_draws(bnn, x, draws)
+        if batchnorm_batches is None:
+            logits = logits_for_draws(bnn, x, draws)
+        else:
+            logits = logits_under(bnn, x, with_batchnorm_statistics(bnn, draws, batchnorm_batches))
     finally:
         bnn.train(was_training)
+        load_batchnorm_statistics(bnn, running)
     num_samples = logits.shape[0]
     log_probs = logits.log_softmax(-1)
     pointwise = log_probs.gather(-1, y.view(1, -1, 1).expand(num_samples, -1, 1)).squeeze(-1)

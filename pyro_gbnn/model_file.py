@@ -74,6 +74,7 @@ class ExportedModel:
     network: nn.Module
     guide: nn.Module | None
     info: dict[str, Any]
+    draws: Any = None  # FixedDraws: the file's draws with their BatchNorm statistics (per_draw), else None
 
     @property
     def device(self) -> torch.device:
@@ -82,13 +83,22 @@ class ExportedModel:
 
         return module_device(self.network, self.guide)
 
-    def predict(self, x: torch.Tensor, num_samples: int = 30):
+    def predict(self, x: torch.Tensor, num_samples: int | None = None):
         """Predictive probabilities, class, entropy and mutual information of a batch
-        (see :func:`pyro_gbnn.predict.predictive_summary`); ``x`` is moved to the model's
-        device, the results are on the CPU."""
-        from pyro_gbnn.predict import predictive_summary
+        (see :func:`pyro_gbnn.predict.predictive_summary`) under ``num_samples`` draws
+        (default: the run's ``predict.num_samples``); ``x`` is moved to the model's device,
+        the results are on the CPU. A file with per-draw BatchNorm statistics predicts with
+        its first ``num_samples`` stored draws, the same on every device."""
+        from pyro_gbnn.predict import FixedDraws, predictive_summary
 
-        return predictive_summary(self.network, self.guide, x.to(self.device), num_samples)
+        num_samples = num_samples or self.info["predict_samples"]
+        draws = self.draws
+        if draws is not None:
+            if num_samples > draws.num_samples:
+                raise UsageError(f"this model file holds BatchNorm statistics for {draws.num_samples} posterior draws; "
+                                 f"ask for at most {draws.num_samples} samples, not {num_samples}")
+            draws = FixedDraws({k: v[:num_samples] for k, v in draws.weights.items()}, draws.statistics[:num_samples])
+        return predictive_summary(self.network, self.guide, x.to(self.device), num_samples, draws=draws)
 
 
 # ----------------------------------------------------------------------------- bits and values
@@ -367,15 +377,59 @@ def export_model(
     elif kind == "shared_mixture":
         _put_shared_mixture(w, guide, header, index_coding)
     header["quantized"] = w.quantized
+    if run.per_draw_batchnorm(network, guide):
+        _put_batchnorm_statistics(w, header, run)
     from safetensors.torch import save
 
     blob = save(w.tensors, metadata={_HEADER_KEY: json.dumps(header)})
     atomic_write_bytes(out, lambda handle: handle.write(blob))
     sizes = {"file": len(blob), "header": 8 + int.from_bytes(blob[:8], "little")}
-    for part in ("net", "index"):
+    for part in ("net", "index", "batchnorm"):
         sizes[part] = sum(t.numel() * t.element_size() for key, t in w.tensors.items() if key.startswith(part + "/"))
-    sizes["posterior"] = sizes["file"] - sizes["header"] - sizes["net"] - sizes["index"]
+    sizes["posterior"] = sizes["file"] - sizes["header"] - sizes["net"] - sizes["index"] - sizes["batchnorm"]
     return sizes
+
+
+def _put_batchnorm_statistics(w: _Writer, header: dict, run) -> None:
+    """Each posterior draw's BatchNorm statistics (``predict.batchnorm: per_draw``), estimated
+    on the run's training batches for the draws the file's own guide gives under the draw
+    seed (so an INT8 file's statistics are those of its dequantised values): stored fp32 as
+    [S, C] per layer, with the seed in the header."""
+    from pyro_gbnn.batchnorm import PER_DRAW_STATISTICS
+    from pyro_gbnn.data import posterior_draws_seed
+    from pyro_gbnn.predict import with_batchnorm_statistics
+
+    seed, num_draws = posterior_draws_seed(run.config["seed"], 0), run.config["predict"]["num_samples"]
+    header["batchnorm"] = {"mode": "per_draw", "num_draws": num_draws, "seed": seed}
+    network, guide = _model_from(dict(w.tensors), header, run.device)
+    draws = with_batchnorm_statistics(network, _file_draws(network, guide, header), run.batchnorm_batches(0))
+    for key in draws.statistics[0]:
+        if key.rsplit(".", 1)[1] in PER_DRAW_STATISTICS:
+            w.put(f"batchnorm/{key}", torch.stack([statistics[key] for statistics in draws.statistics]))
+
+
+def _file_draws(network: nn.Module, guide: nn.Module, header: dict) -> dict[str, torch.Tensor]:
+    from pyro_gbnn.predict import draws_on_cpu
+
+    return draws_on_cpu(network, guide, header["batchnorm"]["num_draws"], header["batchnorm"]["seed"])
+
+
+def _stored_draws(tensors: dict[str, torch.Tensor], network: nn.Module, guide: nn.Module, header: dict):
+    """The file's draws with their stored BatchNorm statistics (FixedDraws), on the model's device."""
+    from pyro_gbnn.batchnorm import current_batchnorm_statistics
+    from pyro_gbnn.predict import FixedDraws
+
+    weights = _file_draws(network, guide, header)
+    running = current_batchnorm_statistics(network)  # num_batches_tracked: not read in eval mode
+    device = next(iter(running.values())).device
+    statistics = [
+        {key: tensors[f"batchnorm/{key}"][s].to(device) if f"batchnorm/{key}" in tensors else value for key, value in running.items()}
+        for s in range(header["batchnorm"]["num_draws"])
+    ]
+    missing = [key for key in running if key.endswith(".running_mean") and f"batchnorm/{key}" not in tensors]
+    if missing:
+        raise ValueError(f"BatchNorm statistics of {missing[0]} are missing")
+    return FixedDraws(weights, statistics)
 
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -404,38 +458,46 @@ def load_model(path: str | Path, device: str | torch.device | None = "auto") -> 
     ``device`` (``auto``, the default: the GPU when there is one, else the CPU; ``cpu``,
     ``cuda``, ``cuda:N``). The file is decoded on the CPU and its tensors copied there."""
     from pyro_gbnn.devices import resolve_device
-    from pyro_gbnn.models import build_model
-    from pyro_gbnn.pipeline import build_bnn
 
     device = resolve_device(device)
     path = Path(path)
     tensors, header = _read_file(path)
     try:
-        net = build_model(header["model"], header["num_classes"], header["in_channels"], header["image_size"], **header["model_args"])
-        net.to(device)  # before the BNN is built: its priors and initial values follow the weights
-        r = _Reader(tensors, header)
-        net_state = {key[4:]: t for key, t in tensors.items() if key.startswith("net/")}
-        kind = header["kind"]
-        if kind == "deterministic":
-            net.load_state_dict(net_state)
-            guide, network = None, net
-        else:
-            network = build_bnn(net, {"bnn": header["bnn"]}, 1)
-            network.load_state_dict(net_state)
-            sites = {name: torch.Size(shape) for name, shape in header["sites"].items()}
-            if list(sites) != list(network.site_shapes):
-                raise ValueError("its weight sites differ from the network's")
-            if kind == "normal":
-                guide = _normal_guide(r, sites, header)
-            elif kind == "spike_slab":
-                guide = _spike_slab_guide(r, sites, header)
-            elif kind == "shared_mixture":
-                guide = _shared_mixture_guide(r, network, header)
-            else:
-                raise ValueError(f"unknown kind {kind!r}")
-            guide.to(device)  # the normal and spike-and-slab guides are decoded on the CPU
+        network, guide = _model_from(tensors, header, device)
+        draws = _stored_draws(tensors, network, guide, header) if "batchnorm" in header else None
     except (ValueError, RuntimeError, KeyError, TypeError) as err:
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise UsageError(f"{str(path)!r} is damaged or from another pyro_gbnn version ({reason}); export it again") from None
+    return ExportedModel(network, guide, header, draws)
+
+
+def _model_from(tensors: dict[str, torch.Tensor], header: dict, device: torch.device) -> tuple[nn.Module, nn.Module | None]:
+    """The network (eval mode) and guide that a file's tensors and header describe, on ``device``."""
+    from pyro_gbnn.models import build_model
+    from pyro_gbnn.pipeline import build_bnn
+
+    net = build_model(header["model"], header["num_classes"], header["in_channels"], header["image_size"], **header["model_args"])
+    net.to(device)  # before the BNN is built: its priors and initial values follow the weights
+    r = _Reader(tensors, header)
+    net_state = {key[4:]: t for key, t in tensors.items() if key.startswith("net/")}
+    kind = header["kind"]
+    if kind == "deterministic":
+        net.load_state_dict(net_state)
+        guide, network = None, net
+    else:
+        network = build_bnn(net, {"bnn": header["bnn"]}, 1)
+        network.load_state_dict(net_state)
+        sites = {name: torch.Size(shape) for name, shape in header["sites"].items()}
+        if list(sites) != list(network.site_shapes):
+            raise ValueError("its weight sites differ from the network's")
+        if kind == "normal":
+            guide = _normal_guide(r, sites, header)
+        elif kind == "spike_slab":
+            guide = _spike_slab_guide(r, sites, header)
+        elif kind == "shared_mixture":
+            guide = _shared_mixture_guide(r, network, header)
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+        guide.to(device)  # the normal and spike-and-slab guides are decoded on the CPU
     network.eval()
-    return ExportedModel(network, guide, header)
+    return network, guide

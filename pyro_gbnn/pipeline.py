@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pyro
 import torch
@@ -39,7 +39,7 @@ from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.checkpoint import atomic_write_bytes, save_checkpoint
 from pyro_gbnn.checkpoint import load_checkpoint as _load_state
 from pyro_gbnn.config import dump_config, with_new_defaults
-from pyro_gbnn.batchnorm import batchnorm_layers
+from pyro_gbnn.batchnorm import batchnorm_layers, per_draw_batchnorm_bytes
 from pyro_gbnn.data import DataSplits, evaluation_seed, load_dataset, make_loader, posterior_draws_seed, set_loader_epoch
 from pyro_gbnn.devices import resolve_device
 from pyro_gbnn.elbo import AnalyticKL_ELBO
@@ -210,13 +210,22 @@ class FitRun:
         ``num_samples`` draws seeded by (run seed, ``repeat``), each with its BatchNorm
         statistics re-estimated on ``predict.batchnorm_batches`` training batches (the same
         seeded batches on every rank); else None (running statistics)."""
-        pred_cfg = self.config["predict"]
-        if pred_cfg["batchnorm"] != "per_draw" or guide is None or not batchnorm_layers(bnn):
+        if not self.per_draw_batchnorm(bnn, guide):
             return None
+        return fixed_draws(bnn, guide, num_samples, self.batchnorm_batches(repeat), posterior_draws_seed(self.config["seed"], repeat))
+
+    def per_draw_batchnorm(self, bnn: nn.Module, guide: nn.Module | None) -> bool:
+        """Whether predictions of this model use per-draw BatchNorm statistics: ``predict.batchnorm:
+        per_draw``, a guide, and BatchNorm layers in the network."""
+        return self.config["predict"]["batchnorm"] == "per_draw" and guide is not None and bool(batchnorm_layers(bnn))
+
+    def batchnorm_batches(self, repeat: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``predict.batchnorm_batches`` training batches (seeded by (run seed, ``repeat``),
+        the same on every rank and each time they are iterated) that re-estimate each draw's statistics."""
         seed = posterior_draws_seed(self.config["seed"], repeat)
         loader = make_loader(self.data.train, self.config["data"]["batch_size"], shuffle=True, seed=seed,
                              num_workers=self.config["data"]["num_workers"], pin_memory=self.device.type == "cuda")
-        return fixed_draws(bnn, guide, num_samples, _FirstBatches(loader, pred_cfg["batchnorm_batches"]), seed)
+        return _FirstBatches(loader, self.config["predict"]["batchnorm_batches"])
 
     def finish_stage(
         self,
@@ -238,8 +247,12 @@ class FitRun:
         self.stage_time[stage] = self.stage_time.get(stage, 0.0) + time.perf_counter() - started  # wall time includes the test evaluation
         n_params = count_trainable(trained)
         n_params, size_bytes = (n_params, 4 * n_params) if size is None else size
+        per_draw = self.per_draw_batchnorm(bnn, guide)
+        if per_draw:  # a model file stores each draw's statistics
+            size_bytes += per_draw_batchnorm_bytes(bnn, num_samples)
         self.results[stage] = {
             **metrics,
+            **({"batchnorm": self.config["predict"]["batchnorm"]} if guide is not None else {}),
             "n_params_trainable": n_params,
             "size_bytes": size_bytes,
             "epochs": self.config.get(stage, {}).get("epochs", 0) if epochs is None else epochs,

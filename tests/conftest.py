@@ -31,6 +31,33 @@ def write_fake_mnist(root: Path, n_train: int = 256, n_test: int = 128, seed: in
     return root
 
 
+def write_fake_svhn(root: Path, n: int = 20, seed: int = 0) -> Path:
+    """SVHN's test file as torchvision stores it: ``SVHN/test_32x32.mat`` with X uint8
+    [32, 32, 3, N] and y [N, 1] in 1..10 (10 is the digit 0). Returns the file."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    path = root / "SVHN" / "test_32x32.mat"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(path, {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": rng.integers(1, 11, (n, 1), dtype=np.uint8)})
+    return path
+
+
+def write_fake_cifar10c(root: Path, per_severity: int = 6, seed: int = 0) -> Path:
+    """CIFAR-10-C's layout: ``CIFAR-10-C/<corruption>.npy`` uint8 [5 x N, 32, 32, 3] (severity
+    1 first) and ``labels.npy``; each image's pixels hold its severity x 40 + its row in
+    the severity block, so a test can tell which rows were read. Returns the folder."""
+    folder = root / "CIFAR-10-C"
+    folder.mkdir(parents=True, exist_ok=True)
+    severity = np.repeat(np.arange(1, 6), per_severity)
+    row = np.tile(np.arange(per_severity), 5)
+    images = np.broadcast_to((severity * 40 + row).astype(np.uint8)[:, None, None, None], (5 * per_severity, 32, 32, 3))
+    for name in ("gaussian_noise", "gaussian_blur", "contrast", "jpeg_compression"):
+        np.save(folder / f"{name}.npy", np.ascontiguousarray(images))
+    np.save(folder / "labels.npy", (row % 10).astype(np.uint8))
+    return folder
+
+
 @pytest.fixture
 def fake_mnist(tmp_path: Path) -> Path:
     return write_fake_mnist(tmp_path / "data")

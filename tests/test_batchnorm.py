@@ -113,24 +113,136 @@ def test_fixed_draws_are_a_function_of_their_seed_and_leave_the_global_stream_al
         fixed_draws(bnn, guide, 0, _batches())
 
 
-def test_a_run_evaluates_with_per_draw_statistics_and_reports_its_spread_over_seeds(fake_mnist, tmp_path):
-    """``predict.batchnorm: per_draw`` and ``predict.evaluation_seeds: 3`` on a ResNet (BatchNorm):
-    the stage's metrics are the mean of three seeds with their range, each seed's evaluation
-    differs, the mode changes the numbers, and a reopened run scores the same."""
+@pytest.fixture(scope="module")
+def resnet_run(tmp_path_factory):
+    """A tiny mean-field ResNet-20 run (BatchNorm) at the shipped defaults: per-draw statistics,
+    three evaluation seeds."""
     from pyro_gbnn import pipeline
-    from pyro_gbnn.metrics import mean_and_spread
+    from tests.conftest import write_fake_mnist
     from tests.test_fit import tiny_config
 
+    root = tmp_path_factory.mktemp("resnet")
     extra = ["model=resnet20", "deterministic.epochs=1", "mean_field.epochs=1", "mean_field.eval_samples=1",
-             "predict.num_samples=2", "predict.batchnorm=per_draw", "predict.batchnorm_batches=2", "predict.evaluation_seeds=3"]
-    metrics = pipeline.run_fit(tiny_config(fake_mnist, "mean-field", extra), tmp_path / "run")
+             "predict.num_samples=2", "predict.batchnorm_batches=2"]
+    metrics = pipeline.run_fit(tiny_config(write_fake_mnist(root / "data"), "mean-field", extra), root / "run")
+    return root / "run", metrics
+
+
+def test_per_draw_statistics_and_three_evaluation_seeds_are_the_defaults():
+    from pyro_gbnn.config import DEFAULTS
+
+    assert DEFAULTS["predict"]["batchnorm"] == "per_draw" and DEFAULTS["predict"]["evaluation_seeds"] == 3
+
+
+def test_a_run_evaluates_with_per_draw_statistics_and_reports_its_spread_over_seeds(resnet_run):
+    """On a ResNet (BatchNorm) the stage's metrics are the mean of three seeds with their
+    range, each seed's evaluation differs, the mode changes the numbers, a reopened run
+    scores the same, and the model's size counts each draw's statistics."""
+    from pyro_gbnn import pipeline
+    from pyro_gbnn.batchnorm import per_draw_batchnorm_bytes
+    from pyro_gbnn.metrics import mean_and_spread
+
+    folder, metrics = resnet_run
     assert "spread" not in metrics["stages"]["deterministic"], "a deterministic network is evaluated once"
     stage = metrics["stages"]["mean_field"]
-    assert stage["spread"]["seeds"] == 3
+    assert stage["spread"]["seeds"] == 3 and stage["batchnorm"] == "per_draw"
 
-    run, bnn, guide = pipeline.load_run_model(tmp_path / "run", stage="mean_field")
+    run, bnn, guide = pipeline.load_run_model(folder, stage="mean_field")
+    n_weights = sum(s.numel() for s in bnn.site_shapes.values())
+    assert stage["n_params_trainable"] == 2 * n_weights + count_deterministic(bnn)
+    assert stage["size_bytes"] == 4 * stage["n_params_trainable"] + per_draw_batchnorm_bytes(bnn, 2)
     per_seed = [run.evaluate(bnn, guide, "test", 2, repeat) for repeat in range(3)]
     assert mean_and_spread(per_seed) == {k: v for k, v in stage.items() if k in per_seed[0] or k == "spread"}
     assert len({row["nll"] for row in per_seed}) == 3, "each seed draws other weights"
     run.config["predict"]["batchnorm"] = "running"
     assert run.evaluate(bnn, guide, "test", 2, 0)["nll"] != per_seed[0]["nll"]
+
+
+def count_deterministic(bnn: nn.Module) -> int:
+    """Trainable values of the network that are not Bayesian weights (BatchNorm's affine)."""
+    return sum(p.numel() for p in bnn.parameters() if p.requires_grad)
+
+
+def test_a_model_file_stores_each_draws_statistics_and_predicts_as_the_run(resnet_run, tmp_path, monkeypatch):
+    """The file holds S draws' BatchNorm statistics (counted as the run counts them) and
+    predicts exactly as the run's first evaluation seed; asking for more draws than stored is
+    a one-line error; a file of a run scored with running statistics holds none."""
+    from pyro_gbnn import pipeline
+    from pyro_gbnn.batchnorm import per_draw_batchnorm_bytes
+    from pyro_gbnn.errors import UsageError
+    from pyro_gbnn.model_file import export_model, load_model
+
+    folder, _ = resnet_run
+    run, bnn, guide = pipeline.load_run_model(folder, stage="mean_field")
+    sizes = export_model(folder, tmp_path / "m.safetensors", device="cpu")
+    assert sizes["batchnorm"] == per_draw_batchnorm_bytes(bnn, 2)
+    loaded = load_model(tmp_path / "m.safetensors", device="cpu")
+    x = torch.stack([run.data.test[i][0] for i in range(10)])
+    y = torch.tensor([run.data.test[i][1] for i in range(10)])
+    expected = predict(bnn, guide, [(x, y)], draws=run.fixed_draws(bnn, guide, 2), keep_samples=True)
+    summary = loaded.predict(x)
+    assert torch.allclose(summary.probs, expected.probs, atol=1e-6)
+    assert torch.allclose(loaded.predict(x, 1).probs, expected.sample_probs[0], atol=1e-6), "the first stored draw"
+    with pytest.raises(UsageError, match="BatchNorm statistics for 2 posterior draws"):
+        loaded.predict(x, 3)
+
+    opened = pipeline.open_run
+
+    def scored_with_running_statistics(*args, **kwargs):
+        run = opened(*args, **kwargs)
+        run.config["predict"]["batchnorm"] = "running"
+        return run
+
+    monkeypatch.setattr(pipeline, "open_run", scored_with_running_statistics)
+    assert export_model(folder, tmp_path / "r.safetensors", device="cpu")["batchnorm"] == 0
+    assert load_model(tmp_path / "r.safetensors", device="cpu").draws is None
+
+def test_arviz_log_likelihood_uses_each_draws_statistics():
+    """PSIS-LOO's pointwise log-likelihood under ``batchnorm_batches``: each draw with its own
+    statistics, as a plain network with those weights and statistics computes it."""
+    net, bnn, guide = _bnn_and_guide()
+    test = _batches(n=1, seed=9)[0]
+    idata = pg.to_inference_data(guide, num_samples=3, bnn=bnn, data=test, batchnorm_batches=_batches(), seed=4)
+    torch.manual_seed(4)
+    weights = guide.sample_weights(3)
+    for s in range(3):
+        draw = {k: v[s] for k, v in weights.items()}
+        plain = _plain_network_with(net, draw)
+        statistics = batchnorm_statistics(bnn, draw, _batches())
+        plain.load_state_dict({**plain.state_dict(), **{k.removeprefix("net."): v for k, v in statistics.items()}})
+        expected = plain.eval()(test[0]).log_softmax(-1).gather(1, test[1].view(-1, 1)).squeeze(1)
+        assert torch.allclose(torch.from_numpy(idata.log_likelihood["y"].values[0, s]).float(), expected, atol=1e-5), s
+    running = pg.to_inference_data(guide, num_samples=3, bnn=bnn, data=test, seed=4)
+    assert not torch.allclose(torch.from_numpy(running.log_likelihood["y"].values), torch.from_numpy(idata.log_likelihood["y"].values))
+
+
+@pytest.mark.slow  # ResNet diagnostics draw 100 weights for k-hat and PSIS: minutes on 2 cores
+def test_diagnose_predicts_with_each_draws_statistics(resnet_run):
+    from pyro_gbnn.diagnose import diagnose_run
+
+    folder, _ = resnet_run
+    written = diagnose_run(folder, samples=2, device="cpu")
+    summary = next(p for p in written if p.name == "summary.md").read_text()
+    assert "each with its own BatchNorm statistics" in summary
+
+
+def test_the_side_by_side_benchmark_scores_both_modes_over_seeds(resnet_run, tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "batchnorm_per_draw.py"
+    spec = importlib.util.spec_from_file_location("batchnorm_per_draw", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder, metrics = resnet_run
+    module.main([str(folder), "--stages", "mean_field", "--seeds", "2", "--out", str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text())["stages"]["mean_field"]
+    assert set(result) == {"recorded", "running", "per_draw"}
+    assert result["recorded"]["nll"] == metrics["stages"]["mean_field"]["nll"]
+    for mode in ("running", "per_draw"):
+        assert len(result[mode]["per_seed"]) == 2
+        low, high = result[mode]["range"]["nll"]
+        assert low <= result[mode]["nll"] <= high and low < high
+    low, high = metrics["stages"]["mean_field"]["spread"]["nll"]  # the run's seeds 0-2 include the benchmark's 0-1
+    assert all(low <= row["nll"] <= high for row in result["per_draw"]["per_seed"])

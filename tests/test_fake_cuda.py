@@ -5,7 +5,8 @@ meets a CUDA one.
 
 What fake tensors cannot run, and a real GPU alone checks (benchmarks/gpu_check.py):
 backward passes (the autograd engine asks the CUDA driver for a context), and the
-data-dependent steps (stage 2's mixture fit, counts, pruning decisions, ``.item()``).
+data-dependent steps (stage 2's mixture fit, counts, pruning decisions, ``.item()``, the
+cumulative BatchNorm average of per-draw statistics, ``Module.cpu()`` of a guide).
 For those this file sets gradients by hand and builds the stage-2 plan on the CPU, then
 checks that the guides and optimizers built from them live on the network's device.
 """

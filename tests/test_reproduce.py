@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import write_fake_cifar10c, write_fake_svhn
 from tests.test_data import write_cifar10_jpeg
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
@@ -23,6 +24,8 @@ TINY_BUDGET = [
 @pytest.mark.slow
 def test_every_table_of_the_reproduction_runs_on_a_tiny_budget(fake_mnist, tmp_path):
     write_cifar10_jpeg(fake_mnist, per_class=2)
+    write_fake_svhn(fake_mnist, n=12)
+    write_fake_cifar10c(fake_mnist, per_severity=6)
     spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
     reproduce = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reproduce)
@@ -38,6 +41,9 @@ def test_every_table_of_the_reproduction_runs_on_a_tiny_budget(fake_mnist, tmp_p
     assert list(rows) == ["deterministic", "mean-field", "mean-field, local reparam.", "2dgbnn", "int8", "spike-slab", "ssvi"]
     assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r["nll"]) for r in rows.values())
     assert rows["2dgbnn"]["n_params_trainable"] < rows["mean-field"]["n_params_trainable"]
+    assert rows["ssvi"]["kl_scale"] == 0.01 and rows["mean-field"]["kl_scale"] == 1.0, "tempering is stated per row"
+    assert rows["mean-field"]["prior"] == "iid_normal(loc=0.0, scale=0.1)" and "prior" not in rows["deterministic"]
+    assert rows["mean-field"]["batchnorm"] == "per_draw"
     lrt = yaml.safe_load((tmp_path / "runs" / "cifar10" / "mean-field-lrt" / "config.yaml").read_text())
     assert lrt["method"] == "mean-field" and lrt["bnn"]["estimator"] == "local"
     lrt_metrics = json.loads((tmp_path / "runs" / "cifar10" / "mean-field-lrt" / "metrics.json").read_text())
@@ -54,10 +60,13 @@ def test_every_table_of_the_reproduction_runs_on_a_tiny_budget(fake_mnist, tmp_p
 
     shift = results["shift"]["result"]["models"]
     assert set(shift) == set(rows)
+    assert results["shift"]["result"]["corruptions"] == "CIFAR-10-C"
+    assert results["shift"]["result"]["ood_examples"] == {"mnist": 12, "svhn": 12}
     for name, model in shift.items():
         assert set(model["corrupted_mean_by_severity"]) == {"1", "3", "5"}
-        assert 0 <= model["ood_mnist"]["entropy_auroc"] <= 1
-        assert ("mi_auroc" in model["ood_mnist"]) == (name != "deterministic")
+        for ood in ("ood_mnist", "ood_svhn"):
+            assert 0 <= model[ood]["entropy_auroc"] <= 1
+            assert ("mi_auroc" in model[ood]) == (name != "deterministic")
         assert sum(model["clean_calibration_bins"]["count"]) == results["shift"]["result"]["examples"]
 
     document = tmp_path / "results.md"
@@ -69,7 +78,7 @@ def test_every_table_of_the_reproduction_runs_on_a_tiny_budget(fake_mnist, tmp_p
     reproduce.main(["report", "--results", str(folder), "--document", str(document)])
     text = document.read_text()
     assert "stale" not in text and text.count("| 2dgbnn |") == 4  # the cifar10 and shift rows, and one per MNIST network
-    assert "| no outliers | " in text and "| int8, 4-bit std |" in text
+    assert "| no outliers | " in text and "| int8, 4-bit std |" in text and "SVHN AUROC entropy / MI" in text
     for figure in ("cifar10_accuracy_vs_parameters", "cifar10_shift_accuracy", "cifar10_reliability"):
         assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 1000
 

@@ -1,5 +1,6 @@
 """Corrupted and out-of-distribution test sets: seeded, stronger with severity, shaped for the model."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +71,49 @@ def test_corrupted_test_set_keeps_labels_and_the_evaluation_transform():
     x, y = shifted[0]
     assert y == 4 and x.dtype == torch.float32
     assert torch.equal(x, transform(corrupt(images[4:5], "gaussian_blur", 3)[0]))
+
+
+def test_the_real_cifar10c_is_read_by_severity_with_its_own_labels(tmp_path):
+    from pyro_gbnn.shift import cifar10c_folder, cifar10c_test_set
+    from tests.conftest import write_fake_cifar10c
+
+    assert cifar10c_folder(tmp_path) is None, "no CIFAR-10-C: the made corruptions are used"
+    folder = write_fake_cifar10c(tmp_path, per_severity=6)
+    assert cifar10c_folder(tmp_path) == folder
+    every = cifar10c_test_set(folder, "jpeg", 3, lambda x: x)
+    rows = [int(every.load(i)[0][0, 0, 0]) - 3 * 40 for i in range(len(every))]
+    assert rows == list(range(6)) and every.load(0)[0].shape == (3, 32, 32)
+    assert every.targets.tolist() == [r % 10 for r in rows]
+    some = cifar10c_test_set(folder, "gaussian_noise", 5, lambda x: x, count=4, seed=1)
+    picked = [int(some.load(i)[0][0, 0, 0]) - 5 * 40 for i in range(4)]
+    assert len(set(picked)) == 4 and all(0 <= r < 6 for r in picked)
+    assert picked == [int(cifar10c_test_set(folder, "gaussian_noise", 5, lambda x: x, 4, 1).load(i)[0][0, 0, 0]) - 200 for i in range(4)]
+    with pytest.raises(UsageError, match="severity must be 1..5"):
+        cifar10c_test_set(folder, "jpeg", 6, lambda x: x)
+    np.save(folder / "contrast.npy", np.zeros((7, 32, 32), dtype=np.uint8))
+    with pytest.raises(UsageError, match="is not a CIFAR-10-C array"):
+        cifar10c_test_set(folder, "contrast", 1, lambda x: x)
+    (folder / "gaussian_blur.npy").unlink()
+    with pytest.raises(UsageError, match="does not exist"):
+        cifar10c_test_set(folder, "gaussian_blur", 1, lambda x: x)
+
+
+def test_svhn_is_read_from_torchvisions_file_when_present(tmp_path):
+    from scipy.io import loadmat
+
+    from pyro_gbnn.shift import svhn_test_set
+    from tests.conftest import write_fake_svhn
+
+    assert svhn_test_set(tmp_path, lambda x: x) is None, "absent and no download: no SVHN set"
+    path = write_fake_svhn(tmp_path, n=20)
+    mat = loadmat(path)
+    svhn = svhn_test_set(tmp_path, lambda x: x)
+    assert len(svhn) == 20
+    image, label = svhn.load(0)
+    index = int(torch.randperm(20, generator=torch.Generator().manual_seed(0))[0])
+    assert torch.equal(image, torch.from_numpy(mat["X"][..., index].transpose(2, 0, 1).copy()))
+    assert label == int(mat["y"][index, 0]) % 10
+    assert len(svhn_test_set(tmp_path, lambda x: x, count=5)) == 5
+    path.write_bytes(b"not a mat file")
+    with pytest.raises(UsageError, match="is not SVHN's test_32x32.mat"):
+        svhn_test_set(tmp_path, lambda x: x)

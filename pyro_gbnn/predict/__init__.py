@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 from contextlib import contextmanager, nullcontext
 from typing import Iterable, Iterator, NamedTuple, Sequence
@@ -18,8 +19,8 @@ from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.metrics import mutual_information, predictive_entropy
 
 __all__ = [
-    "FixedDraws", "Prediction", "PredictiveSummary", "draw_weights", "fixed_draws", "logits_for_draws", "module_device",
-    "predict", "predict_batch", "predictive_summary",
+    "FixedDraws", "Prediction", "PredictiveSummary", "draw_weights", "draws_on_cpu", "fixed_draws", "logits_for_draws",
+    "logits_under", "module_device", "predict", "predict_batch", "predictive_summary", "with_batchnorm_statistics",
 ]
 
 
@@ -120,7 +121,7 @@ def predict(
         for i, (x, y) in enumerate(batches):
             x = x.to(device, non_blocking=True)
             if draws is not None:
-                sample_probs = _probs_under(bnn, x, draws)
+                sample_probs = logits_under(bnn, x, draws).softmax(-1)
             else:
                 with _seeded(seeds[i], x.device) if seeds is not None else nullcontext():
                     sample_probs = predict_batch(bnn, guide, x, num_samples, sample_chunk, vectorize)
@@ -154,24 +155,45 @@ def fixed_draws(
     bnn: BayesianNetwork, guide: nn.Module, num_samples: int, batchnorm_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     seed: int = 0,
 ) -> FixedDraws:
-    """``num_samples`` weight draws (seeded by ``seed``; the global random stream is left
-    alone), each with BatchNorm statistics re-estimated on ``batchnorm_batches`` under its
-    weights (:func:`~pyro_gbnn.batchnorm.batchnorm_statistics`). ``batchnorm_batches`` is
-    iterated once per draw, so it must repeat itself (a list, or a seeded loader)."""
+    """``num_samples`` weight draws (:func:`draws_on_cpu`: the same draws on every device),
+    each with BatchNorm statistics re-estimated on ``batchnorm_batches`` under its weights
+    (:func:`~pyro_gbnn.batchnorm.batchnorm_statistics`). ``batchnorm_batches`` is iterated
+    once per draw, so it must repeat itself (a list, or a seeded loader)."""
+    return with_batchnorm_statistics(bnn, draws_on_cpu(bnn, guide, num_samples, seed), batchnorm_batches)
+
+
+@torch.no_grad()
+def with_batchnorm_statistics(
+    bnn: BayesianNetwork, weights: dict[str, torch.Tensor], batchnorm_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> FixedDraws:
+    """Given draws {site: [S, *shape]}, each with its BatchNorm statistics re-estimated on ``batchnorm_batches``."""
+    num_samples = next(iter(weights.values())).shape[0]
+    return FixedDraws(weights, [batchnorm_statistics(bnn, {k: v[s] for k, v in weights.items()}, batchnorm_batches)
+                                for s in range(num_samples)])
+
+
+@torch.no_grad()
+def draws_on_cpu(bnn: BayesianNetwork, guide: nn.Module, num_samples: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``num_samples`` weight draws from the CPU generator seeded with ``seed`` (a CPU copy
+    of the guide samples them), on the guide's device: the draws a model file's BatchNorm
+    statistics belong to are the same wherever the file is loaded. The global random
+    stream is left alone."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    with _seeded(seed, module_device(bnn, guide)):
-        weights = draw_weights(bnn, guide, num_samples)
-    statistics = [batchnorm_statistics(bnn, {k: v[s] for k, v in weights.items()}, batchnorm_batches) for s in range(num_samples)]
-    return FixedDraws(weights, statistics)
+    device = module_device(guide, bnn)
+    sampler = guide if device.type == "cpu" else copy.deepcopy(guide).cpu()
+    with _seeded(seed, torch.device("cpu")):
+        weights = draw_weights(bnn, sampler, num_samples)
+    return {k: v.to(device) for k, v in weights.items()}
 
 
-def _probs_under(bnn: BayesianNetwork, x: torch.Tensor, draws: FixedDraws) -> torch.Tensor:
-    """[S, B, C] class probabilities of one batch, draw s with its own BatchNorm statistics."""
+def logits_under(bnn: BayesianNetwork, x: torch.Tensor, draws: FixedDraws) -> torch.Tensor:
+    """[S, B, C] logits of one batch, draw s with its own BatchNorm statistics (left loaded:
+    callers restore the running statistics, see :func:`predict`)."""
     out = []
     for s, statistics in enumerate(draws.statistics):
         load_batchnorm_statistics(bnn, statistics)
-        out.append(_logits_given(bnn, x, {k: v[s] for k, v in draws.weights.items()}).softmax(-1))
+        out.append(_logits_given(bnn, x, {k: v[s] for k, v in draws.weights.items()}))
     return torch.stack(out)
 
 
@@ -204,10 +226,11 @@ class PredictiveSummary(NamedTuple):
 
 @torch.no_grad()
 def predictive_summary(
-    bnn: BayesianNetwork | nn.Module, guide: nn.Module | None, x: torch.Tensor, num_samples: int = 30, batch_size: int = 256
+    bnn: BayesianNetwork | nn.Module, guide: nn.Module | None, x: torch.Tensor, num_samples: int = 30, batch_size: int = 256,
+    draws: FixedDraws | None = None,
 ) -> PredictiveSummary:
-    """What ``python -m pyro_gbnn.predict`` prints, for a tensor of inputs [N, ...]."""
+    """What ``python -m pyro_gbnn.predict`` prints, for a tensor of inputs [N, ...] (``draws``: see :func:`predict`)."""
     batches = [(chunk, torch.zeros(len(chunk), dtype=torch.long)) for chunk in torch.split(x, batch_size)]
-    result = predict(bnn, guide, batches, num_samples, keep_samples=True)
+    result = predict(bnn, guide, batches, num_samples, keep_samples=True, draws=draws)
     probs = result.probs
     return PredictiveSummary(probs, probs.argmax(-1), predictive_entropy(probs), mutual_information(result.sample_probs))

@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("model_file", help="a file written by python -m pyro_gbnn.export")
     parser.add_argument("--images", nargs="+", required=True, help="image files or folders of images")
     parser.add_argument("--samples", type=int, help="posterior draws per image (default: the run's predict.num_samples)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the posterior draws (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the posterior draws (default 0; a file with per-draw BatchNorm statistics has its own draws)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image, with every class probability")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
     return parser
@@ -65,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         info = model.info
         paths = _image_paths(args.images)
         x = torch.stack([image_for_model(p, info["dataset"], info["in_channels"], info["image_size"]) for p in paths])
+        pyro.set_rng_seed(args.seed)
+        summary = model.predict(x, args.samples)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    pyro.set_rng_seed(args.seed)
-    summary = model.predict(x, args.samples or info["predict_samples"])
     classes = info["classes"]
     for i, path in enumerate(paths):
         k = int(summary.predicted[i])
