@@ -276,6 +276,11 @@ def _metrics(r: dict) -> str:
     return f"{100 * r['accuracy']:.2f} | {r['nll']:.3f} | {r['ece']:.3f}"
 
 
+def _batchnorm(name: str, r: dict) -> str:
+    """How a row's BatchNorm layers were scored; rows from before ``predict.batchnorm`` existed used running statistics."""
+    return "-" if name == "deterministic" else r.get("batchnorm", "running")
+
+
 def _tempering(r: dict) -> str:
     return f"{r['prior']}, {r['kl_scale']:g}" if "prior" in r else "-"
 
@@ -291,7 +296,7 @@ def render_cifar10(report: dict) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
     for name, r in rows.items():
         index = f" ({r['size_bytes_index']:,})" if "size_bytes_index" in r else ""
-        lines.append(f"| {name} | {_metrics(r)} | {_paper(PAPER['cifar10'][name])} | {_tempering(r)} | {r.get('batchnorm', '-')} | "
+        lines.append(f"| {name} | {_metrics(r)} | {_paper(PAPER['cifar10'][name])} | {_tempering(r)} | {_batchnorm(name, r)} | "
                      f"{r['n_params_trainable']:,} | {r['size_bytes']:,}{index} | {r['total_wall_time_s']:.0f} |")
     for bits, r in (report["result"].get("int8_by_scale_bits") or {}).items():
         lines.append(f"| int8, {bits}-bit std | {_metrics(r)} | {_paper(PAPER['int8_sigma'].get(bits))} | - | - | - | {r['size_bytes']:,} | - |")
