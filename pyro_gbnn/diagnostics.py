@@ -23,7 +23,6 @@ from torch import nn
 
 from pyro_gbnn.arviz_compat import from_groups, pareto_khat
 from pyro_gbnn.errors import UsageError
-from pyro_gbnn.batchnorm import current_batchnorm_statistics, load_batchnorm_statistics
 from pyro_gbnn.predict import logits_for_draws, logits_under, module_device, with_batchnorm_statistics
 from pyro_gbnn.reparameterization import _as_normal
 
@@ -104,7 +103,6 @@ def _predictive_groups(bnn: nn.Module, draws: dict[str, torch.Tensor], x: torch.
     device = module_device(bnn)
     x, y = x.to(device), y.to(device)
     was_training = bnn.training
-    running = current_batchnorm_statistics(bnn)
     bnn.eval()
     try:
         if batchnorm_batches is None:
@@ -113,7 +111,6 @@ def _predictive_groups(bnn: nn.Module, draws: dict[str, torch.Tensor], x: torch.
             logits = logits_under(bnn, x, with_batchnorm_statistics(bnn, draws, batchnorm_batches))
     finally:
         bnn.train(was_training)
-        load_batchnorm_statistics(bnn, running)
     num_samples = logits.shape[0]
     log_probs = logits.log_softmax(-1)
     pointwise = log_probs.gather(-1, y.view(1, -1, 1).expand(num_samples, -1, 1)).squeeze(-1)

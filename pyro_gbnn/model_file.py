@@ -419,17 +419,16 @@ def _stored_draws(tensors: dict[str, torch.Tensor], network: nn.Module, guide: n
     from pyro_gbnn.batchnorm import current_batchnorm_statistics
     from pyro_gbnn.predict import FixedDraws
 
-    weights = _file_draws(network, guide, header)
-    running = current_batchnorm_statistics(network)  # num_batches_tracked: not read in eval mode
+    running = current_batchnorm_statistics(network)  # num_batches_tracked: not read in eval mode, kept as it is
+    missing = [key for key in running if key.endswith(".running_mean") and f"batchnorm/{key}" not in tensors]
+    if missing:
+        raise ValueError(f"BatchNorm statistics of {missing[0]} are missing")
     device = next(iter(running.values())).device
     statistics = [
         {key: tensors[f"batchnorm/{key}"][s].to(device) if f"batchnorm/{key}" in tensors else value for key, value in running.items()}
         for s in range(header["batchnorm"]["num_draws"])
     ]
-    missing = [key for key in running if key.endswith(".running_mean") and f"batchnorm/{key}" not in tensors]
-    if missing:
-        raise ValueError(f"BatchNorm statistics of {missing[0]} are missing")
-    return FixedDraws(weights, statistics)
+    return FixedDraws(_file_draws(network, guide, header), statistics)
 
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

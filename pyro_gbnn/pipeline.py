@@ -247,8 +247,7 @@ class FitRun:
         self.stage_time[stage] = self.stage_time.get(stage, 0.0) + time.perf_counter() - started  # wall time includes the test evaluation
         n_params = count_trainable(trained)
         n_params, size_bytes = (n_params, 4 * n_params) if size is None else size
-        per_draw = self.per_draw_batchnorm(bnn, guide)
-        if per_draw:  # a model file stores each draw's statistics
+        if self.per_draw_batchnorm(bnn, guide):  # a model file stores each draw's statistics
             size_bytes += per_draw_batchnorm_bytes(bnn, num_samples)
         self.results[stage] = {
             **metrics,

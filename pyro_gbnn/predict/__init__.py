@@ -115,7 +115,6 @@ def predict(
     was_training = bnn.training
     bnn.eval()
     device = module_device(bnn, guide) if device is None else torch.device(device)
-    running = current_batchnorm_statistics(bnn) if draws is not None else None
     probs, labels, samples = [], [], []
     try:
         for i, (x, y) in enumerate(batches):
@@ -131,8 +130,6 @@ def predict(
                 samples.append(sample_probs.cpu())
     finally:
         bnn.train(was_training)
-        if running is not None:
-            load_batchnorm_statistics(bnn, running)
     return Prediction(  # one copy to the host at the end, not one wait per batch
         torch.cat(probs).cpu(), torch.cat([y.cpu() for y in labels]), torch.cat(samples, dim=1) if keep_samples else None
     )
@@ -188,12 +185,16 @@ def draws_on_cpu(bnn: BayesianNetwork, guide: nn.Module, num_samples: int, seed:
 
 
 def logits_under(bnn: BayesianNetwork, x: torch.Tensor, draws: FixedDraws) -> torch.Tensor:
-    """[S, B, C] logits of one batch, draw s with its own BatchNorm statistics (left loaded:
-    callers restore the running statistics, see :func:`predict`)."""
+    """[S, B, C] logits of one batch, draw s with its own BatchNorm statistics; ``bnn`` keeps
+    the statistics it had."""
+    running = current_batchnorm_statistics(bnn)
     out = []
-    for s, statistics in enumerate(draws.statistics):
-        load_batchnorm_statistics(bnn, statistics)
-        out.append(_logits_given(bnn, x, {k: v[s] for k, v in draws.weights.items()}))
+    try:
+        for s, statistics in enumerate(draws.statistics):
+            load_batchnorm_statistics(bnn, statistics)
+            out.append(_logits_given(bnn, x, {k: v[s] for k, v in draws.weights.items()}))
+    finally:
+        load_batchnorm_statistics(bnn, running)
     return torch.stack(out)
 
 
