@@ -26,6 +26,9 @@ GPU machine it runs, in order, each step timed, a failed step recorded and the n
 6. benchmark: benchmarks/setups.py's ResNet-20 training steps built on the GPU, timed
    here with their peak GPU memory (``torch.cuda.max_memory_allocated``) and step ratios
    to deterministic; then ``benchmarks/run.py`` (which has no device option: CPU times).
+7. sharing: stage 2 (``benchmarks/sharing_scale.py``) on the ResNet-20 fixture's cloud
+   resampled to 25.6M weights (ImageNet ResNet-50), K = 6000, on the GPU: wall time, peak
+   host and GPU memory, counts. Needs ``../shared/fixtures`` beside the checkout.
 
 Writes one JSON summary (``--out``, default ``benchmarks/results/gpu-check-<date>.json``,
 rewritten after every step): versions, GPU, and per step its status, seconds, key metrics
@@ -57,7 +60,7 @@ from typing import Any, Callable
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("methods", "export", "torchrun", "resume", "benchmark")
+STEPS = ("methods", "export", "torchrun", "resume", "benchmark", "sharing")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 NUM_CLASSES = 10
 ACCURACY_FLOOR = 2.0 / NUM_CLASSES  # "above chance": at least twice chance
@@ -79,6 +82,7 @@ class Profile:
     bench_args: tuple[str, ...]
     loop: dict[str, int]  # the GPU step loop: warm-up, timed steps, predictive draws
     predict_images: int = 32
+    sharing_scale: tuple[str, str] = ("25.6e6", "6000")  # stage 2 at ImageNet ResNet-50 size: N, K
 
 
 GPU_PROFILE = Profile(
@@ -103,6 +107,7 @@ CPU_PROFILE = Profile(
                 "--rounds", "1", "--steps", "1", "--threads", "2"),
     loop={"warmup": 1, "steps": 2, "draws": 4},
     predict_images=8,
+    sharing_scale=("3e5", "500"),
 )
 
 
@@ -521,6 +526,21 @@ def step_benchmark_gpu(ctx: Context, record: dict) -> None:
         raise CheckFailed("step loop failed for " + "; ".join(f"{n}: {result['configs'][n]['error']}" for n in failed))
 
 
+def step_sharing_scale(ctx: Context, record: dict) -> None:
+    """Stage 2 on the ResNet-20 fixture's cloud resampled to ResNet-50 size, on the GPU."""
+    fixture = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cifar10-resnet20-stage1.pt"
+    if not fixture.is_file():
+        raise CheckFailed(f"needs {fixture} (../shared/fixtures beside the checkout)")
+    n, k = ctx.profile.sharing_scale
+    cmd = [sys.executable, "benchmarks/sharing_scale.py", "--sizes", n, "--components", k,
+           "--device", "cuda" if ctx.gpu else "cpu", "--out", str(ctx.work / "sharing-scale.json")]
+    record["command"] = " ".join(cmd[1:])
+    run_command(cmd, ctx.work / "sharing-scale.log", ctx.timeout(240))
+    run = json.loads((ctx.work / "sharing-scale.json").read_text())["runs"][0]
+    record.update({key: run.get(key) for key in ("n_weights", "num_components", "wall_time_s", "peak_rss_gb", "peak_gpu_memory_gb")})
+    record["report"] = {key: run["report"].get(key) for key in ("gmm_time_s", "gmm_epochs", "n_gaussians", "n_outliers", "n_ellipses")}
+
+
 def step_loop(device_name: str, warmup: int, steps: int, draws: int) -> dict[str, Any]:
     """(In a child process.) benchmarks/setups.py's ResNet-20 training steps and predictive,
     built on ``device_name``: ms per step, ratio to deterministic, peak GPU memory."""
@@ -639,6 +659,8 @@ def planned_steps(ctx: Context, data_dir: Path, only: list[str] | None) -> list[
     if "benchmark" in wanted:
         steps += [(f"benchmark step loop ({'cuda' if ctx.gpu else 'cpu'})", lambda r: step_benchmark_gpu(ctx, r)),
                   ("benchmark run.py (cpu)", lambda r: step_benchmark_run_py(ctx, r))]
+    if "sharing" in wanted:
+        steps.append((f"stage 2 at {ctx.profile.sharing_scale[0]} weights ({'cuda' if ctx.gpu else 'cpu'})", lambda r: step_sharing_scale(ctx, r)))
     return steps
 
 

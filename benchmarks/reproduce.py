@@ -82,11 +82,15 @@ ABLATIONS = {
         "no ellipses": ["sharing.blend=false"],
         "neither": [*NO_OUTLIERS, "sharing.blend=false"],
     },
-    "table10_merging": {"no merging": ["sharing.merge=false"]},
+    "table10_merging": {
+        "no merging": ["sharing.merge=false"],
+        "App. H threshold": ["sharing.merge_tau_w2sq=1.5e-7", "sharing.merge_tau_overlap=null"],
+    },
+    "blend_rule": {"own": ["sharing.blend_rule=own"]},
     "table8_tau_w": {f"tau_w={tau}": [f"sharing.tau_w={tau}"] for tau in (0.1, 0.4, 0.6)},
     "semantics": {name: [f"fine_tune.semantics={name}"] for name in ("hierarchical", "independent")},
 }
-BASE_LABEL = {"table5_outliers_ellipses": "full", "table10_merging": "merging", "table8_tau_w": "tau_w=0.2", "semantics": "tied"}
+BASE_LABEL = {"table5_outliers_ellipses": "full", "table10_merging": "merging", "blend_rule": "every", "table8_tau_w": "tau_w=0.2", "semantics": "tied"}
 
 ROW_KEYS = ("accuracy", "nll", "ece", "brier", "batchnorm", "n_params_trainable", "n_params_paper", "size_bytes", "size_bytes_index",
             "n_outliers", "n_ellipses", "n_gaussians", "sparsity", "density", "epochs", "wall_time_s")
@@ -175,6 +179,8 @@ def table_ablations(args: argparse.Namespace) -> dict:
         variants = ABLATIONS[table]
         rows = {BASE_LABEL[table]: {"sharing": row(base, "sharing"), "fine_tune": row(base, "fine_tune")}}
         for label, overrides in variants.items():
+            if args.variants and label not in args.variants:
+                continue
             out = args.out / "ablations" / f"{table}-{label.replace(' ', '_').replace('=', '')}"
             metrics = branch(base_dir, out, "mean_field", overrides, args)
             rows[label] = {"sharing": row(metrics, "sharing"), "fine_tune": row(metrics, "fine_tune")}
@@ -264,6 +270,7 @@ PAPER = {
     "table8_tau_w": {"tau_w=0.1": (91.14, 0.376, 0.0197), "tau_w=0.2": (91.04, 0.303, 0.037),
                      "tau_w=0.4": (90.53, 0.396, 0.0279), "tau_w=0.6": (89.78, 0.322, 0.038)},
     "semantics": {},
+    "blend_rule": {},
     "mnist_resnet20_2dgbnn": (99.52, 0.013, 0.001),  # Table 4, without pre-training
 }
 
@@ -430,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=10, help="posterior samples per prediction in the shift table")
     parser.add_argument("--eval-batch-size", type=int, default=500)
     parser.add_argument("--only", nargs="+", choices=ABLATIONS, help="ablations: only these tables (default: all)")
+    parser.add_argument("--variants", nargs="+", help="ablations: only these rows of them (default: all), e.g. 'no ellipses'")
     parser.add_argument("--document", type=Path, default=ROOT / "docs" / "results.md", help="report: the markdown file to fill")
     args = parser.parse_args(argv)
     if args.table == "report":
@@ -456,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}", flush=True)
 
     args.partial = lambda result: write(result, complete=False)
-    write(TABLES[args.table](args), complete=not args.only)
+    write(TABLES[args.table](args), complete=not (args.only or args.variants))
 
 
 if __name__ == "__main__":

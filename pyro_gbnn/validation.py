@@ -82,6 +82,7 @@ def _rules() -> dict[str, Check]:
     from pyro_gbnn.guides.sparse_subspace import ADDITION_RULES, REMOVAL_CRITERIA
     from pyro_gbnn.models import MODELS
     from pyro_gbnn.reparameterization import ESTIMATORS
+    from pyro_gbnn.sharing.build import BLEND_RULES
     from pyro_gbnn.sharing.gaussians import MERGE_RULES
     from pyro_gbnn.sharing.gmm import _MODES as GMM_MODES
     from pyro_gbnn.tracking import TRACKERS
@@ -110,14 +111,17 @@ def _rules() -> dict[str, Check]:
         "sharing.merge": _boolean,
         "sharing.merge_rule": _choice(MERGE_RULES),
         "sharing.merge_tau_w2sq": _number(0, none=True),
-        "sharing.merge_neighbours": _integer(1, none=True),
+        "sharing.merge_tau_overlap": _number(0, none=True),
+        "sharing.merge_neighbours": _integer(2, none=True),
         "sharing.merge_tau_grad_step": _number(0, none=True),
         "sharing.merge_grad_lr": POSITIVE,
         "sharing.merge_tau_var": _number(0, none=True),
         "sharing.blend": _boolean,
+        "sharing.blend_rule": _choice(BLEND_RULES),
         "sharing.blend_k": _integer(1),
         "sharing.mahalanobis_threshold": POSITIVE,
         "sharing.gmm_batch_size": _integer(1),
+        "sharing.gmm_max_points": _integer(1, none=True),
         "sharing.gmm_max_epochs": _integer(1),
         "sharing.gmm_tol": POSITIVE,
         "sharing.gmm_mode": _choice(tuple(GMM_MODES)),

@@ -59,7 +59,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.skipif(not FIXTURE.is_file(), reason="needs the fixture in ../shared/fixtures")
 @pytest.mark.parametrize("mode, max_epochs", [("epoch", 100), ("stepwise", 2)])
 def test_distributed_em_equals_single_process_em(tmp_path, mode, max_epochs):
-    """The ResNet-20 posterior's 270,906 points split over two ranks, K = 2000 as shipped:
+    """The ResNet-20 posterior's 270,906 points split over two ranks, K = 2000 (a third of what ships):
     every rank returns the single-process mixture to 1e-5 relative (float64 E steps,
     so that only the order of summation differs; in float32 the two fits differ by the
     E step's rounding, ~2e-4 after 60 epochs, since each rank's pruning cells differ)."""

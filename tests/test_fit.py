@@ -356,8 +356,10 @@ def test_tiny_vit_takes_a_flipout_step(monkeypatch):
 MERGE_DURING_FINE_TUNING = [  # loose enough that the tiny run's components merge
     "fine_tune.epochs=3",
     "fine_tune.merge_every=1",
+    "fine_tune.semantics=hierarchical",  # every value of a component trains
     "sharing.merge=false",
     "sharing.merge_tau_w2sq=1.0",
+    "sharing.merge_tau_overlap=null",
     "sharing.merge_neighbours=null",
     "sharing.merge_tau_grad_step=null",
     "sharing.merge_tau_var=null",

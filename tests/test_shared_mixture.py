@@ -66,6 +66,38 @@ def test_ablation_switches():
     assert unmerged.num_components >= make_plan(bnn, merge_tau_w2sq=100.0, merge_neighbours=None).num_components
 
 
+def test_blend_rules_every_and_own():
+    """``own`` blends every weight outside its own component's ellipse (the authors' code);
+    ``every`` first moves such a weight to a component whose ellipse holds it."""
+    from pyro_gbnn.sharing.gaussians import mahalanobis2
+
+    bnn = small_bnn()
+    settings = dict(merge=False, mahalanobis_threshold=2.0)  # a tight ellipse, so both rules have work
+    every, own = make_plan(bnn, **settings), make_plan(bnn, blend_rule="own", **settings)
+    assert own.ellipse_index.numel() > every.ellipse_index.numel() > 0
+    assert set(every.ellipse_index.tolist()) <= set(own.ellipse_index.tolist())
+    moments = trained_like_moments(bnn).posterior_moments()
+    points = torch.cat([torch.stack([m.reshape(-1), s.reshape(-1)], -1) for m, s in moments.values()]).double()
+    d2 = mahalanobis2(points[every.ellipse_index], every.means.double(), every.covs.double())
+    assert bool((d2 > 2.0).all()), "every: an ellipse weight lies outside every component's ellipse"
+    moved = sorted(set(own.ellipse_index.tolist()) - set(every.ellipse_index.tolist()))
+    d2_moved = mahalanobis2(points[moved], every.means.double(), every.covs.double())
+    assert bool((d2_moved.min(1).values <= 2.0).all()), "own blends weights that another ellipse holds"
+    with pytest.raises(ValueError, match="blend_rule"):
+        make_plan(bnn, blend_rule="nearest")
+
+
+def test_mixture_is_fitted_to_a_seeded_subset_and_assigns_every_inlier():
+    bnn = small_bnn()
+    full, subset = make_plan(bnn, merge=False), make_plan(bnn, merge=False, gmm_max_points=300)
+    assert subset.report["gmm_points"] == 300 < full.report["gmm_points"]
+    assert subset.num_weights == full.num_weights
+    assert subset.inlier_index.numel() + subset.ellipse_index.numel() + subset.outlier_index.numel() == subset.num_weights
+    again = make_plan(bnn, merge=False, gmm_max_points=300)
+    assert torch.equal(again.means, subset.means), "the subset is seeded"
+    assert not torch.equal(subset.means, full.means)
+
+
 def test_saved_plan_reloads_bit_exactly(tmp_path):
     plan = make_plan(small_bnn())
     save_checkpoint(tmp_path / "plan.pt", {"plan": plan.to_state()})

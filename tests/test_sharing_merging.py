@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pyro_gbnn.sharing.gaussians import merge_gaussians, pairwise_wasserstein2
-from pyro_gbnn.sharing.merging import MergeResult, _greedy_matching, merge_components
+from pyro_gbnn.sharing.merging import MergeResult, _greedy_matching, merge_components, pooled_variance
 
 F64 = torch.float64
 
@@ -114,11 +114,37 @@ def test_tau_grad_needs_a_small_gradient_at_both_centres():
     assert merge_components(means, isotropic(2), None, grads, tau_w2sq=1e-4, tau_grad=None).means.shape[0] == 1
 
 
-def test_tau_var_needs_both_covariance_traces_below_it():
-    means = on_line([0.0, 1e-4])
-    covs = torch.stack([isotropic(1, 1e-6)[0], isotropic(1, 2e-6)[0]])  # traces 2e-6 and 4e-6
-    assert merge_components(means, covs, None, None, tau_w2sq=1e-4, tau_var=3e-6).means.shape[0] == 2
-    assert merge_components(means, covs, None, None, tau_w2sq=1e-4, tau_var=5e-6).means.shape[0] == 1
+def test_tau_var_is_the_authors_pooled_variance_below_it_at_both_centres():
+    means = torch.tensor([[0.05, 0.05], [0.05 + 1e-4, 0.05]], dtype=F64)  # equal coordinates: no gap term
+    covs = torch.stack([isotropic(1, 1e-6)[0], isotropic(1, 2e-6)[0]])  # pooled variances 1e-6 and 2e-6
+    assert merge_components(means, covs, None, None, tau_w2sq=1e-4, tau_var=1.5e-6).means.shape[0] == 2
+    assert merge_components(means, covs, None, None, tau_w2sq=1e-4, tau_var=2.5e-6).means.shape[0] == 1
+    # The pooled statistic also counts the gap between the mean and the std coordinate:
+    # narrow components far from mu = sigma never pass (the authors' torch.var over both columns).
+    far = torch.tensor([[0.2, 0.01], [0.2 + 1e-4, 0.01]], dtype=F64)
+    assert merge_components(far, isotropic(2, 1e-8), None, None, tau_w2sq=1e-4, tau_var=1e-3).means.shape[0] == 2
+
+
+def test_pooled_variance_is_torch_var_over_the_members_values():
+    """The closed form in a component's moments equals the authors' torch.var(members)."""
+    generator = torch.Generator().manual_seed(0)
+    members = torch.randn(200_000, 2, generator=generator, dtype=F64) @ torch.tensor([[0.02, 0.0], [0.003, 0.004]], dtype=F64)
+    members += torch.tensor([0.07, 0.015], dtype=F64)
+    mean, cov = members.mean(0), torch.cov(members.T, correction=0)
+    expected = torch.var(members, correction=0)  # over both columns pooled, as torch.var(x) without dim
+    torch.testing.assert_close(pooled_variance(mean[None], cov[None])[0], expected, rtol=1e-10, atol=0)
+
+
+def test_tau_overlap_compares_the_distance_with_the_pair_s_own_spread():
+    means = on_line([0.0, 0.002])  # W2^2 = 4e-6 with equal covariances
+    narrow, wide = isotropic(2, 1e-6), isotropic(2, 3e-6)  # mean traces 2e-6 and 6e-6
+    assert merge_components(means, narrow, None, None, None, tau_overlap=1.0).means.shape[0] == 2
+    assert merge_components(means, wide, None, None, None, tau_overlap=1.0).means.shape[0] == 1
+    assert merge_components(means, narrow, None, None, None, tau_overlap=2.5).means.shape[0] == 1
+    # Scale-free: the same picture in other units merges the same way.
+    assert merge_components(means * 10, wide * 100, None, None, None, tau_overlap=1.0).means.shape[0] == 1
+    with pytest.raises(ValueError, match="tau_overlap"):
+        merge_components(means, narrow, None, None, None, tau_overlap=-1.0)
 
 
 def test_threshold_is_on_the_squared_w2():
@@ -127,16 +153,18 @@ def test_threshold_is_on_the_squared_w2():
     assert merge_components(means, isotropic(2), None, None, tau_w2sq=0.003).means.shape[0] == 1
 
 
-def test_neighbours_restrict_pairs_to_the_nearest_centres():
+def test_neighbours_count_the_component_itself_as_the_authors_topk_does():
     # 0 and 1 are close in W2 (narrow, 0.1 apart); the wide component 2 sits between them,
-    # so it is the nearest centre of both, and far from both in W2.
+    # so it is the nearest other centre of both, and far from both in W2.
     means = on_line([0.0, 0.1, 0.05])
     covs = torch.stack([isotropic(1, 1e-6)[0], isotropic(1, 1e-6)[0], isotropic(1, 1.0)[0]])
     assert merge_components(means, covs, None, None, tau_w2sq=0.02).mapping.tolist() == [0, 0, 1]
-    assert merge_components(means, covs, None, None, tau_w2sq=0.02, neighbours=1).rounds == 0
-    assert merge_components(means, covs, None, None, tau_w2sq=0.02, neighbours=2).mapping.tolist() == [0, 0, 1]
+    # topk(k=2) is the component and its nearest other centre (2): the pair 0-1 is not tested.
+    assert merge_components(means, covs, None, None, tau_w2sq=0.02, neighbours=2).rounds == 0
+    # topk(k=3): itself and two others, so 0 and 1 see each other.
+    assert merge_components(means, covs, None, None, tau_w2sq=0.02, neighbours=3).mapping.tolist() == [0, 0, 1]
     with pytest.raises(ValueError, match="neighbours"):
-        merge_components(means, covs, None, None, tau_w2sq=0.02, neighbours=0)
+        merge_components(means, covs, None, None, tau_w2sq=0.02, neighbours=1)
 
 
 def test_chain_of_four_ends_as_one_over_two_rounds():

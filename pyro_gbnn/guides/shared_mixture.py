@@ -8,29 +8,40 @@ each outlier has its own mean and scale. Which weight uses what is fixed by the 
 reach the objective under the chosen semantics and prior are trainable (``requires_grad``);
 the others stay at their stage-2 values and are not counted as parameters.
 
-Three sampling semantics:
+Three sampling semantics. Algorithm 1 (lines 26-28) draws every inlier weight on its own
+from its mixture; ``hierarchical`` and ``independent`` are two readings of that, ``tied``
+is the authors' released code, which does something else:
 
-``tied`` (Algorithm 1 line 28 and the authors' code). Per forward sample, one draw
+``tied`` (the authors' code, the default). Per forward sample, one draw
 z_k ~ N(m_k, Sigma_k) per component; every inlier of component k takes the mean
 coordinate of z_k, an ellipse weight takes sum_j alpha_j z_{c_j}. A weight's noise is
 sqrt(Sigma_k[0, 0]), the spread of the members' means; the std coordinate never reaches
 the likelihood. Trainable: centre_mu and chol_log_00 (``prior="weight"``), all five
-(``prior="anchor"``, whose 2D KL couples them).
+(``prior="anchor"``, whose 2D KL couples them). This is a different model, not a
+compressed posterior of the per-weight network: K shared weights z_k, each under the
+weight prior, and every member weight *equal* to its component's (ellipse weights fixed
+alpha-combinations). Its objective is that model's exact ELBO, with K KL terms instead
+of one per weight. It is not a bound on the per-weight ELBO of Eq. 10: there q(w) puts
+all its mass on the subspace where members are equal, so KL(q(w) || p(w)) is infinite.
 
-``hierarchical``. Per forward sample, one 2D draw (mu~_k, sigma~_k) ~ N(m_k, Sigma_k) per
-component, and every member weight draws its own w_i = mu~_k + |sigma~_k| eps_i. Sigma
-reaches the likelihood, all five values train, and given the component draws the weights
-are independent Normals, so local reparameterization and flipout apply. An ellipse
-weight is, given the draws, the Normal with the mean and variance of its alpha-mixture
-sum_j alpha_j N(mu~_j, sigma~_j^2) (Eq. 7): the same first two moments as drawing a
-component per weight per sample, which is all a layer's pre-activation sees under local
-reparameterization, and it keeps every weight Normal.
+``hierarchical`` (Alg. 1 lines 26-28 with a draw per component). Per forward sample, one
+2D draw (mu~_k, sigma~_k) ~ N(m_k, Sigma_k) per component, and every member weight
+draws its own w_i = mu~_k + |sigma~_k| eps_i. Sigma reaches the likelihood, all five
+values train, and given the component draws the weights are independent Normals, so
+local reparameterization and flipout apply. An ellipse weight is, given the draws, the
+Normal with the mean and variance of its alpha-mixture sum_j alpha_j N(mu~_j, sigma~_j^2)
+(Eq. 7): the same first two moments as drawing a component per weight per sample, which
+is all a layer's pre-activation sees under local reparameterization, and it keeps every
+weight Normal.
 
-``independent``. Each inlier draws its own value from N(m_k, s_k^2), with (m_k, s_k) its
-component's centre: a mean-field posterior whose parameters are shared; ellipse weights
-are Normal with the moments of their alpha-mixture. Trainable: centre_mu and centre_rho.
+``independent`` (Alg. 1 lines 26-28 read literally with each weight's own component).
+Each inlier draws its own value from N(m_k, s_k^2), with (m_k, s_k) its component's
+centre: a mean-field posterior whose parameters are shared; ellipse weights are Normal
+with the moments of their alpha-mixture. Trainable: centre_mu and centre_rho.
 
-The KL terms of the bounded ELBO (paper Eq. 10), as :meth:`kl_divergence` returns them:
+The KL terms, as :meth:`kl_divergence` returns them: for ``independent`` and
+``hierarchical`` upper bounds on the per-weight KL, so the objective is the bounded ELBO
+of Eq. 10; for ``tied`` the exact KL of the tied model (see above):
 
 * outliers: sum_i KL(N(loc_i, scale_i^2) || p_i), exact.
 * ``independent``: each weight's q is Normal; for an ellipse weight, the moment-matched
@@ -52,12 +63,13 @@ The KL terms of the bounded ELBO (paper Eq. 10), as :meth:`kl_divergence` return
   component's members of alpha_i, alpha_i / s_i^2, alpha_i p_i / s_i^2,
   alpha_i p_i^2 / s_i^2 and alpha_i log s_i are computed once, so a step costs O(K).
   The bound rewards no spread in Sigma, so training tends to narrow the components.
-* ``tied``: sum_k KL(q(z_k) || p(z_k)). With ``prior="weight"`` (default) p is the
-  network's prior of a weight, on the mean coordinate (the std coordinate does not enter
-  the likelihood); a component whose members span layers with different priors takes the
-  prior of the layer holding most of them. With ``prior="anchor"`` p(z_k) is the stage-2
-  component itself, N(m_k^(0), Sigma_k^(0)), an empirical-Bayes anchor (the authors'
-  code).
+* ``tied``: sum_k KL(q(z_k) || p(z_k)), exact for the tied model's K shared weights
+  (not a term of Eq. 10, whose per-weight KL is infinite under tying). With
+  ``prior="weight"`` (default) p is the network's prior of a weight, on the mean
+  coordinate (the std coordinate does not enter the likelihood); a component whose
+  members span layers with different priors takes the prior of the layer holding most of
+  them. With ``prior="anchor"`` p(z_k) is the stage-2 component itself,
+  N(m_k^(0), Sigma_k^(0)), an empirical-Bayes anchor (the authors' code).
 * ``kl_weighting="paper"`` weights each component's KL by the mixture proportion pi_k as
   Eq. 10 is printed, instead of by its member count (independent, hierarchical) or 1
   (tied). The proportions sum to one, so this shrinks the mixture term by a factor of

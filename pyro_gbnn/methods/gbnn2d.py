@@ -14,6 +14,7 @@ from pyro_gbnn import distributed
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.checkpoint import atomic_write_bytes
 from pyro_gbnn.elbo import AnalyticKL_ELBO
+from pyro_gbnn.errors import UsageError
 from pyro_gbnn.guides import MeanFieldGuide
 from pyro_gbnn.guides.shared_mixture import SharedMixtureGuide
 from pyro_gbnn.methods.mean_field import MeanField, restore_mean_field
@@ -70,6 +71,20 @@ class TwoDGBNN(MeanField):
     stages = ("deterministic", "mean_field", "sharing", "fine_tune")
     training_stage = "fine_tune"
     guide_use = "mean_field"
+
+    def check_config(self, config: dict) -> None:
+        """Also refuses merging during fine-tuning where the merge tests would read values
+        that never train: under ``tied`` with the weight prior a centre's std coordinate
+        and its covariance's std axis do not reach the objective, so re-testing would judge
+        fine-tuned means against stage 2's std coordinates."""
+        super().check_config(config)
+        section = config["fine_tune"]
+        if section.get("merge_every", 0) and (section["semantics"], section["shared_prior"]) == ("tied", "weight"):
+            raise UsageError(
+                "fine_tune.merge_every re-tests merges on trained components, but under semantics tied with "
+                "shared_prior weight their std coordinates never train; use semantics hierarchical or independent, "
+                "shared_prior anchor, or merge_every 0"
+            )
 
     def stage_sharing(self, run: FitRun, net: nn.Module, resume: dict | None) -> None:
         section = run.config["sharing"]

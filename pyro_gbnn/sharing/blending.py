@@ -60,7 +60,8 @@ def ellipse_mask(
 
     True where ``(x - m_a)^T S_a^-1 (x - m_a) > threshold`` with a the point's assigned
     component; those points are the ones to alpha-blend (Alg. 1 lines 10-17). Only each
-    point's own component is evaluated, so memory is O(N + K), not O(N K).
+    point's own component is evaluated, a chunk of points at a time, so memory is O(N + K),
+    not O(N K).
 
     Args:
         points: [N, 2] (mu, sigma) points.
@@ -78,10 +79,14 @@ def ellipse_mask(
         raise UsageError(f"threshold must be a number >= 0 (a squared Mahalanobis distance), got {threshold!r}")
     a = _check_assignments(assignments, points.shape[0], k, points.device)
     p00, p01, p11 = _inverse_entries(covs)
-    d = points - means[a]
-    dx, dy = d[:, 0], d[:, 1]
-    d2 = p00[a] * dx * dx + 2 * p01[a] * dx * dy + p11[a] * dy * dy
-    return d2 > threshold
+    outside = torch.empty(points.shape[0], dtype=torch.bool, device=points.device)
+    for start in range(0, points.shape[0], _CHUNK_ELEMENTS):  # bounded temporaries at ImageNet size
+        part = a[start : start + _CHUNK_ELEMENTS]
+        d = points[start : start + _CHUNK_ELEMENTS] - means[part]
+        dx, dy = d[:, 0], d[:, 1]
+        d2 = p00[part] * dx * dx + 2 * p01[part] * dx * dy + p11[part] * dy * dy
+        outside[start : start + _CHUNK_ELEMENTS] = d2 > threshold
+    return outside
 
 
 def blend_weights(

@@ -216,7 +216,7 @@ def pairwise_wasserstein2(means: Tensor, covs: Tensor) -> Tensor:
     ``tr(S_i S_j)`` for all pairs is one [K, 4] x [4, K] product; the mean term is formed
     from coordinate differences (not ``|a|^2 + |b|^2 - 2ab``) so nearly equal means keep
     their precision. The matrix is exactly symmetric with a zero diagonal. Memory: a few
-    [K, K] buffers (K = 2000 in float64 is 32 MB each).
+    [K, K] buffers (K = 6000 in float64 is 288 MB each).
 
     Args:
         means: [K, 2] component means.

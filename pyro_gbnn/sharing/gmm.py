@@ -1,7 +1,7 @@
 """The 2D Gaussian mixture over the (mu, sigma) plane (Sec. 4.2, Eq. 3).
 
 2DGBNN clusters the inlier weights, one point ``(mu_i, sigma_i)`` per weight, with a
-full-covariance Gaussian mixture of K components (the paper uses K = 2000 on millions of
+full-covariance Gaussian mixture of K components (the paper uses K = 6000 on millions of
 weights). :func:`fit_gmm_2d` fits it by mini-batch EM; :func:`gmm_log_likelihood` and
 :func:`gmm_assign` score and assign points under a given mixture. Plain torch, no Pyro;
 everything runs on the points' device.
@@ -630,16 +630,20 @@ class _Data:
     """Standardised points, and a copy sorted by the cells of a fine grid for full sweeps."""
 
     def __init__(
-        self, points: Tensor, compute_dtype: torch.dtype, generator: torch.Generator, shards: _Shards | None = None
+        self, points: Tensor, compute_dtype: torch.dtype, generator: torch.Generator, shards: _Shards | None = None,
+        keep_unsorted: bool = True,
     ) -> None:
         self.points = points.detach()
         self.shards = _Shards(points.shape[0], False) if shards is None else shards
         self.frame = self.shards.frame(points)
-        self.u = self.frame.points(points, compute_dtype)  # [2, N]
-        sub = self.shards.subsample(self.u, _INIT_SUBSAMPLE, generator)
-        self.grid = _Grid.build(self.u, _grid_size(self.u.shape[1]), sub)
-        self.order, self.cells = self.grid.sort(self.u)
-        self.u_sorted = self.u.index_select(1, self.order)
+        u = self.frame.points(points, compute_dtype)  # [2, N]
+        sub = self.shards.subsample(u, _INIT_SUBSAMPLE, generator)
+        self.grid = _Grid.build(u, _grid_size(u.shape[1]), sub)
+        self.order, self.cells = self.grid.sort(u)
+        self.u_sorted = u.index_select(1, self.order)
+        # The unsorted copy serves fitting (initialisation, stepwise batches); a one-off
+        # sweep (assigning or scoring millions of points) lets it go.
+        self.u = u if keep_unsorted else None
 
     def exact(self, index: Tensor) -> Tensor:
         """[2, ...] float64 standardised points number ``index`` (of the input, unsorted)."""
@@ -651,7 +655,7 @@ class _Data:
             self.u_sorted, self.cells, self.grid, table, want=want, max_points=max_points, acc_dtype=acc_dtype,
             exact_points=lambda index: self.exact(self.order[index]),
         )
-        return _summed(sweep, self.shards, self.u.device)
+        return _summed(sweep, self.shards, self.u_sorted.device)
 
 
 def _summed(sweep: _Sweep, shards: _Shards, device: torch.device) -> _Sweep:
@@ -1022,8 +1026,8 @@ def _prepare(
     _check_points(points)
     _check_mixture(weights, means, covs)
     compute_dtype = _check_float_dtype(compute_dtype, "compute_dtype")
-    data = _Data(points, compute_dtype, torch.Generator().manual_seed(0))
-    dev = data.u.device
+    data = _Data(points, compute_dtype, torch.Generator().manual_seed(0), keep_unsorted=False)
+    dev = data.u_sorted.device
     m_u, c_u = data.frame.to_unit(means.detach().to(dev), covs.detach().to(dev))
     return data, _table(weights.detach().to(dev), m_u, c_u)
 

@@ -105,8 +105,8 @@ class SharingPlan:
     def check(self) -> None:
         """Every weight has exactly one role; raises ValueError otherwise."""
         n = self.num_weights
-        role = torch.zeros(n, dtype=torch.int64, device=self.outlier_index.device)
+        role = torch.zeros(n, dtype=torch.int32, device=self.outlier_index.device)
         for index in (self.outlier_index, self.inlier_index, self.ellipse_index):
-            role.index_add_(0, index.long(), torch.ones_like(index, dtype=torch.int64))
+            role.index_add_(0, index.long(), torch.ones_like(index, dtype=torch.int32))
         if not bool((role == 1).all()):
             raise ValueError(f"sharing plan is inconsistent: {int((role != 1).sum())} of {n} weights have no role or several")

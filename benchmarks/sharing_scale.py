@@ -1,0 +1,122 @@
+"""Stage 2 of 2DGBNN at ImageNet-model size: wall time and peak memory as N and K grow.
+
+    python benchmarks/sharing_scale.py --sizes 25.6e6 86e6 --components 6000 --out benchmarks/results/sharing-scale.json
+
+The points are the real CIFAR-10 ResNet-20 stage-1 posterior (``../shared/fixtures``)
+resampled with replacement to N weights, each mean, std and gradient multiplied by
+(1 + 0.02 eps) so no two points coincide: the cloud keeps its real shape (dense band,
+heavy tails) at ResNet-50 (25.6M) or ViT-B/16 (86M) size. The weights are split into
+sites of at most 2.4M (ResNet-50's largest layer). Stage 2 runs with the shipped
+CIFAR-10 settings (``configs/cifar10_resnet20.yaml``) except ``num_components``; each
+(N, K) runs in its own process so its peak resident memory (``ru_maxrss``, which
+includes the resampled inputs themselves) is its own. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "cifar10-resnet20-stage1.pt"
+CONFIG = ROOT / "configs" / "cifar10_resnet20.yaml"
+SITE_SIZE = 2_400_000
+
+
+def resampled(n: int, seed: int = 0) -> tuple[dict, dict]:
+    """The fixture's (mean, std, |gradient|) resampled to n weights with 2% jitter, in sites."""
+    fixture = torch.load(FIXTURE, weights_only=True)
+    sites = list(fixture["moments"])
+    loc = torch.cat([fixture["moments"][s][0].reshape(-1) for s in sites])
+    scale = torch.cat([fixture["moments"][s][1].reshape(-1) for s in sites])
+    grad = torch.cat([fixture["gradients"][s].reshape(-1) for s in sites])
+    generator = torch.Generator().manual_seed(seed)
+    moments, gradients = {}, {}
+    for start in range(0, n, SITE_SIZE):
+        size = min(SITE_SIZE, n - start)
+        pick = torch.randint(0, loc.numel(), (size,), generator=generator)
+        jitter = 1 + 0.02 * torch.randn(3, size, generator=generator)
+        name = f"site{start // SITE_SIZE}.weight"
+        moments[name] = (loc[pick] * jitter[0], scale[pick] * jitter[1])
+        gradients[name] = grad[pick] * jitter[2]
+    return moments, gradients
+
+
+def one(n: int, k: int, threads: int, device: str = "cpu") -> dict:
+    """Stage 2 on n resampled weights with K = k components, in this process, on ``device``
+    (stage 2 runs where the moments are, as in a run)."""
+    import yaml
+
+    from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
+
+    torch.set_num_threads(threads)
+    moments, gradients = resampled(n)
+    moments = {name: (loc.to(device), scale.to(device)) for name, (loc, scale) in moments.items()}
+    gradients = {name: grad.to(device) for name, grad in gradients.items()}
+    settings = dict(yaml.safe_load(CONFIG.read_text())["sharing"])
+    settings.pop("grad_batches", None)
+    settings["num_components"] = k
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    plan = build_sharing_plan(moments, gradients, SharingSettings.from_dict(settings))
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    report = {key: value for key, value in plan.report.items() if key != "settings"}
+    result = {
+        "n_weights": n, "num_components": k, "device": device, "wall_time_s": round(wall, 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "report": report,
+    }
+    if cuda:
+        result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[25.6e6, 86e6], help="numbers of weights N")
+    parser.add_argument("--components", type=int, nargs="+", default=[6000], help="values of K")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where stage 2 runs (cpu, cuda)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--one", nargs=2, type=float, metavar=("N", "K"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(one(int(args.one[0]), int(args.one[1]), args.threads, args.device)))
+        return {}
+    runs = []
+    for k in args.components:
+        for n in args.sizes:
+            command = [sys.executable, __file__, "--one", str(int(n)), str(k), "--threads", str(args.threads), "--device", args.device]
+            finished = subprocess.run(command, capture_output=True, text=True, check=True)
+            runs.append(json.loads(finished.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    result = {
+        "benchmark": "sharing_scale",
+        "command": " ".join(["python", "benchmarks/sharing_scale.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+                   f"{args.threads} threads" + (f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""),
+        "runs": runs,
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
