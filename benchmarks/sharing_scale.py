@@ -1,6 +1,7 @@
 """Stage 2 of 2DGBNN at ImageNet-model size: wall time and peak memory as N and K grow.
 
-    python benchmarks/sharing_scale.py --sizes 25.6e6 86e6 --components 6000 --out benchmarks/results/sharing-scale.json
+    python benchmarks/sharing_scale.py --sizes 6.4e6 25.6e6 86e6 --components 6000 2000 4000 \
+        --compare-subset 6.4e6 --out benchmarks/results/2026-12-03-sharing-scale.json
 
 The points are the real CIFAR-10 ResNet-20 stage-1 posterior (``../shared/fixtures``)
 resampled with replacement to N weights, each mean, std and gradient multiplied by
@@ -9,7 +10,9 @@ heavy tails) at ResNet-50 (25.6M) or ViT-B/16 (86M) size. The weights are split 
 sites of at most 2.4M (ResNet-50's largest layer). Stage 2 runs with the shipped
 CIFAR-10 settings (``configs/cifar10_resnet20.yaml``) except ``num_components``; each
 (N, K) runs in its own process so its peak resident memory (``ru_maxrss``, which
-includes the resampled inputs themselves) is its own. Prints one JSON object.
+includes the resampled inputs themselves) is its own. ``--compare-subset N`` also fits
+the mixture of N weights to all their inliers and to the 2M that stage 2 fits, and scores
+both on all of them. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -85,25 +88,58 @@ def one(n: int, k: int, threads: int, device: str = "cpu") -> dict:
     return result
 
 
+def subset_against_all(n: int, k: int, threads: int) -> dict:
+    """The mixture fitted to all n inliers against the one fitted to ``gmm_max_points`` of
+    them (as stage 2 does), both scored on all of them: what the subset costs in fit."""
+    import yaml
+
+    from pyro_gbnn.sharing.build import _fitting_subset
+    from pyro_gbnn.sharing.gmm import fit_gmm_2d, gmm_log_likelihood
+    from pyro_gbnn.sharing.outliers import outlier_mask
+
+    torch.set_num_threads(threads)
+    moments, gradients = resampled(n)
+    loc = torch.cat([m[0] for m in moments.values()])
+    scale = torch.cat([m[1] for m in moments.values()])
+    grad = torch.cat(list(gradients.values())).abs()
+    settings = yaml.safe_load(CONFIG.read_text())["sharing"]
+    inliers = ~outlier_mask(loc, grad, settings["tau_w"], settings["top_grad_fraction"])
+    points = torch.stack([loc[inliers], scale[inliers]], -1).double()
+    result = {"n_weights": n, "n_inliers": int(points.shape[0]), "num_components": k}
+    for name, fitted in (("all", points), ("subset", _fitting_subset(points, 2_000_000, 0))):
+        started = time.perf_counter()
+        gmm = fit_gmm_2d(fitted, k, max_epochs=100, tol=1e-4, seed=0)
+        result[name] = {
+            "points": int(fitted.shape[0]), "epochs": gmm.n_iter, "fit_time_s": round(time.perf_counter() - started, 1),
+            "mean_log_likelihood_all_points": gmm_log_likelihood(points, gmm.weights, gmm.means, gmm.covs),
+        }
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[25.6e6, 86e6], help="numbers of weights N")
-    parser.add_argument("--components", type=int, nargs="+", default=[6000], help="values of K")
+    parser.add_argument("--sizes", type=float, nargs="+", default=[25.6e6, 86e6], help="numbers of weights N, at the first K")
+    parser.add_argument("--components", type=int, nargs="+", default=[6000], help="values of K; the others at --k-at weights")
+    parser.add_argument("--k-at", type=float, default=25.6e6, help="N at which the other values of K run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where stage 2 runs (cpu, cuda)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--compare-subset", type=float, metavar="N", help="also fit N weights' mixture to all inliers and to the 2M subset")
     parser.add_argument("--one", nargs=2, type=float, metavar=("N", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(one(int(args.one[0]), int(args.one[1]), args.threads, args.device)))
         return {}
     runs = []
-    for k in args.components:
-        for n in args.sizes:
-            command = [sys.executable, __file__, "--one", str(int(n)), str(k), "--threads", str(args.threads), "--device", args.device]
-            finished = subprocess.run(command, capture_output=True, text=True, check=True)
-            runs.append(json.loads(finished.stdout.strip().splitlines()[-1]))
-            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    grid = [(int(n), args.components[0]) for n in args.sizes] + [(int(args.k_at), k) for k in args.components[1:]]
+    for n, k in grid:
+        command = [sys.executable, __file__, "--one", str(n), str(k), "--threads", str(args.threads), "--device", args.device]
+        finished = subprocess.run(command, capture_output=True, text=True, check=True)
+        runs.append(json.loads(finished.stdout.strip().splitlines()[-1]))
+        print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    if args.compare_subset:
+        comparison = subset_against_all(int(args.compare_subset), args.components[0], args.threads)
+        print(json.dumps(comparison), file=sys.stderr, flush=True)
     result = {
         "benchmark": "sharing_scale",
         "command": " ".join(["python", "benchmarks/sharing_scale.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -111,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
                    f"{args.threads} threads" + (f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""),
         "runs": runs,
     }
+    if args.compare_subset:
+        result["subset_against_all"] = comparison
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
