@@ -1,7 +1,7 @@
 """Stage 2 of 2DGBNN at ImageNet-model size: wall time and peak memory as N and K grow.
 
     python benchmarks/sharing_scale.py --sizes 6.4e6 25.6e6 86e6 --components 6000 2000 4000 \
-        --compare-subset 6.4e6 --out benchmarks/results/2026-12-03-sharing-scale.json
+        --k-at 6.4e6 --out benchmarks/results/2026-12-03-sharing-scale.json
 
 The points are the real CIFAR-10 ResNet-20 stage-1 posterior (``../shared/fixtures``)
 resampled with replacement to N weights, each mean, std and gradient multiplied by
