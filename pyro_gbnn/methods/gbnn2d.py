@@ -1,6 +1,7 @@
 """2DGBNN (stochastic weight sharing): mean-field stages 0-1, then stage 2 ``sharing``
 (outliers, 2D Gaussian mixture, dissolving, merging, alpha-blending: the plan) and stage 3
-``fine_tune`` (SVI with the shared-mixture guide on the bounded ELBO, paper Eq. 10)."""
+``fine_tune`` (SVI with the shared-mixture guide: the bounded ELBO of paper Eq. 10 under the
+``hierarchical`` and ``independent`` semantics, the exact ELBO of the tied model under ``tied``)."""
 
 from __future__ import annotations
 

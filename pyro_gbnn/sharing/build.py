@@ -146,7 +146,7 @@ def _fitting_subset(points: torch.Tensor, max_points: int | None, seed: int) -> 
     ``max_points`` (every point is still assigned to the fitted mixture afterwards).
 
     EM's cost grows with N while K components of 5 values each are pinned down by far
-    fewer points: 2M points give >= 300 per component at K = 6,000, and the fit's cost no
+    fewer points: 2M points give ~330 per component at K = 6,000, and the fit's cost no
     longer grows with the network (benchmarks/sharing_scale.py).
     """
     if max_points is None or points.shape[0] <= max_points:
