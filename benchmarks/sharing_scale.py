@@ -26,8 +26,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pyro_gbnn.sharing.build import SharingSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "cifar10-resnet20-stage1.pt"
@@ -54,26 +58,32 @@ def resampled(n: int, seed: int = 0) -> tuple[dict, dict]:
     return moments, gradients
 
 
+def shipped_settings(k: int) -> SharingSettings:
+    """Stage 2's settings as the CIFAR-10 config ships them, with K = k."""
+    import yaml
+
+    from pyro_gbnn.sharing.build import SharingSettings
+
+    section = {key: value for key, value in yaml.safe_load(CONFIG.read_text())["sharing"].items() if key != "grad_batches"}
+    return SharingSettings.from_dict(section | {"num_components": k})
+
+
 def one(n: int, k: int, threads: int, device: str = "cpu") -> dict:
     """Stage 2 on n resampled weights with K = k components, in this process, on ``device``
     (stage 2 runs where the moments are, as in a run)."""
-    import yaml
-
-    from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
+    from pyro_gbnn.sharing.build import build_sharing_plan
 
     torch.set_num_threads(threads)
     moments, gradients = resampled(n)
     moments = {name: (loc.to(device), scale.to(device)) for name, (loc, scale) in moments.items()}
     gradients = {name: grad.to(device) for name, grad in gradients.items()}
-    settings = dict(yaml.safe_load(CONFIG.read_text())["sharing"])
-    settings.pop("grad_batches", None)
-    settings["num_components"] = k
+    settings = shipped_settings(k)
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    plan = build_sharing_plan(moments, gradients, SharingSettings.from_dict(settings))
+    plan = build_sharing_plan(moments, gradients, settings)
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - started
@@ -91,24 +101,22 @@ def one(n: int, k: int, threads: int, device: str = "cpu") -> dict:
 def subset_against_all(n: int, k: int, threads: int) -> dict:
     """The mixture fitted to all n inliers against the one fitted to ``gmm_max_points`` of
     them (as stage 2 does), both scored on all of them: what the subset costs in fit."""
-    import yaml
-
-    from pyro_gbnn.sharing.build import _fitting_subset
+    from pyro_gbnn.sharing.build import _fitting_subset, _flatten
     from pyro_gbnn.sharing.gmm import fit_gmm_2d, gmm_log_likelihood
     from pyro_gbnn.sharing.outliers import outlier_mask
 
     torch.set_num_threads(threads)
-    moments, gradients = resampled(n)
-    loc = torch.cat([m[0] for m in moments.values()])
-    scale = torch.cat([m[1] for m in moments.values()])
-    grad = torch.cat(list(gradients.values())).abs()
-    settings = yaml.safe_load(CONFIG.read_text())["sharing"]
-    inliers = ~outlier_mask(loc, grad, settings["tau_w"], settings["top_grad_fraction"])
-    points = torch.stack([loc[inliers], scale[inliers]], -1).double()
+    settings = shipped_settings(k)
+    flat = _flatten(*resampled(n))
+    inliers = ~outlier_mask(flat.loc, flat.grad, settings.tau_w, settings.top_grad_fraction)
+    points = torch.stack([flat.loc[inliers], flat.scale[inliers]], -1).double()
     result = {"n_weights": n, "n_inliers": int(points.shape[0]), "num_components": k}
-    for name, fitted in (("all", points), ("subset", _fitting_subset(points, 2_000_000, 0))):
+    for name, fitted in (("all", points), ("subset", _fitting_subset(points, settings.gmm_max_points, settings.seed))):
         started = time.perf_counter()
-        gmm = fit_gmm_2d(fitted, k, max_epochs=100, tol=1e-4, seed=0)
+        gmm = fit_gmm_2d(
+            fitted, k, batch_size=settings.gmm_batch_size, max_epochs=settings.gmm_max_epochs, tol=settings.gmm_tol,
+            seed=settings.seed, mode=settings.gmm_mode,
+        )
         result[name] = {
             "points": int(fitted.shape[0]), "epochs": gmm.n_iter, "fit_time_s": round(time.perf_counter() - started, 1),
             "mean_log_likelihood_all_points": gmm_log_likelihood(points, gmm.weights, gmm.means, gmm.covs),
