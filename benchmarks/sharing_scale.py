@@ -101,17 +101,17 @@ def one(n: int, k: int, threads: int, device: str = "cpu") -> dict:
 def subset_against_all(n: int, k: int, threads: int) -> dict:
     """The mixture fitted to all n inliers against the one fitted to ``gmm_max_points`` of
     them (as stage 2 does), both scored on all of them: what the subset costs in fit."""
-    from pyro_gbnn.sharing.build import _fitting_subset, _flatten
+    from pyro_gbnn.sharing.build import _fitting_positions, _flatten, _points
     from pyro_gbnn.sharing.gmm import fit_gmm_2d, gmm_log_likelihood
     from pyro_gbnn.sharing.outliers import outlier_mask
 
     torch.set_num_threads(threads)
     settings = shipped_settings(k)
     flat = _flatten(*resampled(n))
-    inliers = ~outlier_mask(flat.loc, flat.grad, settings.tau_w, settings.top_grad_fraction)
-    points = torch.stack([flat.loc[inliers], flat.scale[inliers]], -1).double()
+    inliers = (~outlier_mask(flat.loc, flat.grad, settings.tau_w, settings.top_grad_fraction)).nonzero().squeeze(-1)
+    points = _points(flat, inliers)
     result = {"n_weights": n, "n_inliers": int(points.shape[0]), "num_components": k}
-    for name, fitted in (("all", points), ("subset", _fitting_subset(points, settings.gmm_max_points, settings.seed))):
+    for name, fitted in (("all", points), ("subset", _points(flat, _fitting_positions(inliers, settings.gmm_max_points, settings.seed)))):
         started = time.perf_counter()
         gmm = fit_gmm_2d(
             fitted, k, batch_size=settings.gmm_batch_size, max_epochs=settings.gmm_max_epochs, tol=settings.gmm_tol,

@@ -47,6 +47,7 @@ MALFORMED = [
     ("2dgbnn", "sharing.merge_neighbours=1", "sharing.merge_neighbours must be an integer >= 2 or null, got 1"),
     ("2dgbnn", "sharing.merge_tau_overlap=-1", "sharing.merge_tau_overlap must be a number >= 0 or null, got -1"),
     ("2dgbnn", "sharing.gmm_max_points=0", "sharing.gmm_max_points must be an integer >= 1 or null, got 0"),
+    ("2dgbnn", "sharing.gmm_max_points=100", "sharing.gmm_max_points (100) is below sharing.num_components"),
     ("2dgbnn", "fine_tune.merge_every=2", "under semantics tied with shared_prior weight their std coordinates never train"),
     ("2dgbnn", "bnn.estimator=lrt", "unknown bnn.estimator 'lrt'; use one of weight, local, flipout"),
     ("2dgbnn", "predict.num_samples=0", "predict.num_samples must be an integer >= 1, got 0"),

@@ -59,10 +59,10 @@ def sharing_metrics(plan: SharingPlan) -> dict[str, int]:
     }
 
 
-def _sharing_settings(run: FitRun) -> SharingSettings:
+def _sharing_settings(config: dict) -> SharingSettings:
     """Stage 2's settings from the ``sharing`` section (less ``grad_batches``) and the run's seed."""
-    section = {k: v for k, v in run.config["sharing"].items() if k != "grad_batches"}
-    return SharingSettings.from_dict(section | {"seed": run.config["seed"]})
+    section = {k: v for k, v in config["sharing"].items() if k != "grad_batches"}
+    return SharingSettings.from_dict(section | {"seed": config["seed"]})
 
 
 class TwoDGBNN(MeanField):
@@ -79,6 +79,7 @@ class TwoDGBNN(MeanField):
         and its covariance's std axis do not reach the objective, so re-testing would judge
         fine-tuned means against stage 2's std coordinates."""
         super().check_config(config)
+        _sharing_settings(config).check()
         section = config["fine_tune"]
         if section.get("merge_every", 0) and (section["semantics"], section["shared_prior"]) == ("tied", "weight"):
             raise UsageError(
@@ -95,7 +96,7 @@ class TwoDGBNN(MeanField):
         gradients = accumulate_gradients(
             elbo, guide, run.loader("train", epoch_after_stage1), section["grad_batches"], run.dataset_size, run.device
         )
-        plan = build_sharing_plan(guide.posterior_moments(), gradients, _sharing_settings(run), distributed=True)
+        plan = build_sharing_plan(guide.posterior_moments(), gradients, _sharing_settings(run.config), distributed=True)
         if distributed.is_main():
             atomic_write_bytes(run.out / "sharing_plan.pt", lambda handle: torch.save(plan.to_state(), handle))
         shared = self._shared_guide(run, bnn, plan)
@@ -144,7 +145,7 @@ class TwoDGBNN(MeanField):
         every, epochs = run.config["fine_tune"].get("merge_every", 0), run.config["fine_tune"]["epochs"]  # absent in older runs
         if not every:
             return None
-        settings = _sharing_settings(run)
+        settings = _sharing_settings(run.config)
 
         def merge(epoch: int, optimizer: torch.optim.Optimizer) -> None:
             if epoch % every or epoch == epochs:

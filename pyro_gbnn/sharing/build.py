@@ -67,6 +67,16 @@ class SharingSettings:
     gmm_mode: str = "epoch"
     seed: int = 0
 
+    def check(self) -> None:
+        """One-line errors for settings that are each in range but cannot work together."""
+        if self.blend_rule not in BLEND_RULES:
+            raise UsageError(f"blend_rule {self.blend_rule!r} is unknown; use one of {BLEND_RULES}")
+        if self.gmm_max_points is not None and self.gmm_max_points < self.num_components:
+            raise UsageError(
+                f"sharing.gmm_max_points ({self.gmm_max_points}) is below sharing.num_components ({self.num_components}): "
+                "the mixture needs more fitted points than components; raise gmm_max_points or set it to null (all inliers)"
+            )
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SharingSettings":
         unknown = set(values) - set(cls.__dataclass_fields__)
@@ -116,44 +126,80 @@ BLEND_RULES = ("every", "own")
 """Which points are ellipse weights: outside ``every`` component's ellipse, or outside their ``own``."""
 
 
+_POINTS_PER_PASS = 1 << 23
+"""Inliers per chunk of a pass over all of them (assigning, ellipse tests): the sweep's
+sorted copies and per-point work then cost O(chunk), not O(N) (memory only: every chunk
+uses the same mixture)."""
+
+
+def _points(flat: _Flat, positions: torch.Tensor) -> torch.Tensor:
+    """[n, 2] float64 (mean, std) points of the weights at ``positions``.
+
+    Stage 2 builds them chunk by chunk from the flat vectors instead of keeping all N
+    (with the sweep's sorted copies of all N, that made stage 2 of an 86M-weight network
+    peak at 12 GB).
+    """
+    return torch.stack([flat.loc[positions], flat.scale[positions]], -1).double()
+
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(start, min(start + _POINTS_PER_PASS, n)) for start in range(0, n, _POINTS_PER_PASS)]
+
+
+def _assign_all(
+    flat: _Flat, positions: torch.Tensor, weights: torch.Tensor, means: torch.Tensor, covs: torch.Tensor,
+    batch_size: int, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[n] long: each inlier's most responsible component, a chunk of inliers at a time
+    (written into ``out`` when given)."""
+    assign = torch.empty(positions.numel(), dtype=torch.long, device=positions.device) if out is None else out
+    for chunk in _chunks(positions.numel()):
+        assign[chunk] = gmm_assign(_points(flat, positions[chunk]), weights, means, covs, batch_size)[0]
+    return assign
+
+
 def _assign_to_ellipses(
-    points: torch.Tensor, means: torch.Tensor, covs: torch.Tensor, assign: torch.Tensor, threshold: float, rule: str
+    flat: _Flat, positions: torch.Tensor, means: torch.Tensor, covs: torch.Tensor, assign: torch.Tensor,
+    threshold: float, rule: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ellipse weights to blend (Eq. 7) under ``rule``.
+    """The ellipse weights among the inliers at ``positions`` to blend (Eq. 7) under ``rule``.
 
     ``own`` (the authors' code): every point outside its own component's 95% ellipse.
     ``every``: a point outside its own ellipse but inside another's moves to the nearest
-    (Mahalanobis) component; only points outside every ellipse are blended.
+    (Mahalanobis) component (``assign`` is updated in place); only points outside every
+    ellipse are blended.
 
     Returns:
         (assignments [N] long, ellipse [N] bool).
     """
-    outside = ellipse_mask(points, means, covs, assign, threshold)
+    outside = torch.zeros(positions.numel(), dtype=torch.bool, device=positions.device)
+    for chunk in _chunks(positions.numel()):
+        outside[chunk] = ellipse_mask(_points(flat, positions[chunk]), means, covs, assign[chunk], threshold)
     if rule == "own":
         return assign, outside
     where = outside.nonzero().squeeze(-1)
-    nearest, d2 = nearest_components(points[where], means, covs, 1)
+    nearest, d2 = nearest_components(_points(flat, positions[where]), means, covs, 1)
     held = d2[:, 0] <= threshold
-    assign = assign.clone()
     assign[where[held]] = nearest[held, 0]
     ellipse = torch.zeros_like(outside)
     ellipse[where[~held]] = True
     return assign, ellipse
 
 
-def _fitting_subset(points: torch.Tensor, max_points: int | None, seed: int) -> torch.Tensor:
-    """The points the mixture is fitted to: all of them, or a seeded uniform subset of
-    ``max_points`` (every point is still assigned to the fitted mixture afterwards).
+def _fitting_positions(positions: torch.Tensor, max_points: int | None, seed: int) -> torch.Tensor:
+    """The weights the mixture is fitted to: all ``positions``, or a seeded uniform subset
+    of ``max_points`` of them in their order (every inlier is still assigned to the fitted
+    mixture afterwards).
 
     EM's cost grows with N while K components of 5 values each are pinned down by far
     fewer points: 2M points give ~330 per component at K = 6,000, and the fit's cost no
     longer grows with the network (benchmarks/sharing_scale.py).
     """
-    if max_points is None or points.shape[0] <= max_points:
-        return points
+    if max_points is None or positions.numel() <= max_points:
+        return positions
     generator = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(points.shape[0], generator=generator)[:max_points].sort().values
-    return points[pick.to(points.device)]
+    pick = torch.randperm(positions.numel(), generator=generator)[:max_points].sort().values
+    return positions[pick.to(positions.device)]
 
 
 def build_sharing_plan(
@@ -171,8 +217,7 @@ def build_sharing_plan(
     mixture is fitted with each rank's share of the points (``fit_gmm_2d(distributed=True)``),
     the steps after it run on rank 0, and every rank returns rank 0's plan.
     """
-    if settings.blend_rule not in BLEND_RULES:
-        raise UsageError(f"blend_rule {settings.blend_rule!r} is unknown; use one of {BLEND_RULES}")
+    settings.check()
     started = time.perf_counter()
     flat = _flatten(moments, gradients)
     loc, scale, grad = flat.loc, flat.scale, flat.grad
@@ -181,25 +226,24 @@ def build_sharing_plan(
     report: dict[str, Any] = {"settings": asdict(settings), "n_weights": n, "n_outliers_initial": int(outliers.sum())}
 
     inlier_pos = (~outliers).nonzero().squeeze(-1)
-    points = torch.stack([loc[inlier_pos], scale[inlier_pos]], -1).double()
-    k = min(settings.num_components, max(1, points.shape[0]))
+    k = min(settings.num_components, max(1, inlier_pos.numel()))
     t0 = time.perf_counter()
-    fitted = _fitting_subset(points, settings.gmm_max_points, settings.seed)
+    fitted = _points(flat, _fitting_positions(inlier_pos, settings.gmm_max_points, settings.seed))
     start, stop = _dist.shard_range(fitted.shape[0]) if distributed else (0, fitted.shape[0])
     gmm = fit_gmm_2d(
         fitted[start:stop], k, batch_size=settings.gmm_batch_size, max_epochs=settings.gmm_max_epochs,
         tol=settings.gmm_tol, seed=settings.seed, mode=settings.gmm_mode, distributed=distributed,
     )
     report.update(
-        gmm_time_s=time.perf_counter() - t0, gmm_points=int(fitted.shape[0]), gmm_mean_log_likelihood=gmm.mean_log_likelihood,
-        gmm_epochs=gmm.n_iter, n_gaussians_initial=k,
+        gmm_time_s=time.perf_counter() - t0, gmm_points=int(fitted.shape[0]),
+        gmm_mean_log_likelihood=gmm.mean_log_likelihood, gmm_epochs=gmm.n_iter, n_gaussians_initial=k,
     )
     del fitted
     plan = None
     if not distributed or _dist.is_main():
-        # Rebinding here lets the pre-dissolving copies go (hundreds of MB at ImageNet size).
-        inlier_pos, points, assign, means, covs = _dissolve(outliers, inlier_pos, points, gmm, settings, report)
-        plan = _plan_from_mixture(flat, outliers, inlier_pos, points, assign, means, covs, settings, report, started)
+        # Rebinding here lets the pre-dissolving positions go (hundreds of MB at ImageNet size).
+        inlier_pos, assign, means, covs = _dissolve(flat, outliers, inlier_pos, gmm, settings, report)
+        plan = _plan_from_mixture(flat, outliers, inlier_pos, assign, means, covs, settings, report, started)
     if not distributed:
         return plan
     plan = _dist.broadcast_object(plan.to("cpu") if plan is not None else None)  # rank 0's GPU is not every rank's
@@ -207,52 +251,63 @@ def build_sharing_plan(
 
 
 def _dissolve(
-    outliers: torch.Tensor, inlier_pos: torch.Tensor, points: torch.Tensor, gmm: GMMResult,
-    settings: SharingSettings, report: dict[str, Any],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    flat: _Flat, outliers: torch.Tensor, inlier_pos: torch.Tensor, gmm: GMMResult, settings: SharingSettings,
+    report: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every inlier to its most responsible component, small clusters dissolved into
-    outliers (``outliers`` is updated); returns the kept (positions, points, assignments)
-    and the surviving components' (means, covariances)."""
-    assign, _ = gmm_assign(points, gmm.weights, gmm.means, gmm.covs, settings.gmm_batch_size)
+    outliers (``outliers`` is updated); returns the kept (positions, assignments) and the
+    surviving components' (means, covariances)."""
+    assign = _assign_all(flat, inlier_pos, gmm.weights, gmm.means, gmm.covs, settings.gmm_batch_size)
     keep, kept, remap = dissolve_small_clusters(assign, gmm.weights.shape[0], settings.min_cluster_size)
-    outliers[inlier_pos[~keep]] = True
     report["n_gaussians_after_dissolving"] = int(kept.numel())
-    return inlier_pos[keep], points[keep], remap[assign[keep]], gmm.means[kept], gmm.covs[kept]
+    if not bool(keep.all()):
+        outliers[inlier_pos[~keep]] = True
+        inlier_pos, assign = inlier_pos[keep], assign[keep]
+    return inlier_pos, remap[assign], gmm.means[kept], gmm.covs[kept]
 
 
 def _plan_from_mixture(
-    flat: _Flat, outliers: torch.Tensor, inlier_pos: torch.Tensor, points: torch.Tensor, assign: torch.Tensor,
-    means: torch.Tensor, covs: torch.Tensor, settings: SharingSettings, report: dict[str, Any], started: float,
+    flat: _Flat, outliers: torch.Tensor, inlier_pos: torch.Tensor, assign: torch.Tensor, means: torch.Tensor,
+    covs: torch.Tensor, settings: SharingSettings, report: dict[str, Any], started: float,
 ) -> SharingPlan:
-    """Stage 2 after dissolving: merge, blend, and the plan."""
+    """Stage 2 after dissolving: merge, blend, and the plan. ``assign`` is reused (overwritten)
+    rather than copied: at ImageNet size each copy of it is 8 bytes per weight."""
     loc, scale, grad = flat.loc, flat.scale, flat.grad
     counts = torch.bincount(assign, minlength=means.shape[0]).double()
 
     merged_from = None
     if settings.merge and means.shape[0] > 1:
         merged_from = {"means": means.float().clone(), "covs": covs.float().clone()}
-        member_grad = grad[inlier_pos].double() if grad is not None else torch.zeros(inlier_pos.numel(), dtype=torch.float64, device=loc.device)
-        grad_sum = torch.zeros(means.shape[0], dtype=torch.float64, device=loc.device).index_add_(0, assign, member_grad)
+        grad_sum = torch.zeros(means.shape[0], dtype=torch.float64, device=loc.device)
+        if grad is not None:
+            for chunk in _chunks(inlier_pos.numel()):
+                grad_sum.index_add_(0, assign[chunk], grad[inlier_pos[chunk]].double())
         step_at_centres = grad_sum / counts.clamp_min(1) * settings.merge_grad_lr
         merged = merge_with_settings(means, covs, counts, step_at_centres if grad is not None else None, settings)
         means, covs, counts = merged.means, merged.covs, merged.weights
         report["merge_rounds"] = merged.rounds
         if merged.rounds:
-            assign, _ = gmm_assign(points, counts / counts.sum(), means, covs, settings.gmm_batch_size)
+            _assign_all(flat, inlier_pos, counts / counts.sum(), means, covs, settings.gmm_batch_size, out=assign)
             _, kept, remap = dissolve_small_clusters(assign, means.shape[0], 1)
-            means, covs, assign = means[kept], covs[kept], remap[assign]
+            means, covs = means[kept], covs[kept]
+            for chunk in _chunks(assign.numel()):
+                assign[chunk] = remap[assign[chunk]]
     report["n_gaussians"] = int(means.shape[0])
 
     comp_dtype = index_dtype(means.shape[0])
     if settings.blend and means.shape[0] > 1:
-        assign, ellipse = _assign_to_ellipses(points, means, covs, assign, settings.mahalanobis_threshold, settings.blend_rule)
-        ell_comps, ell_alphas = blend_weights(points[ellipse], means, covs, settings.blend_k)
+        assign, ellipse = _assign_to_ellipses(
+            flat, inlier_pos, means, covs, assign, settings.mahalanobis_threshold, settings.blend_rule
+        )
+        ell_comps, ell_alphas = blend_weights(_points(flat, inlier_pos[ellipse]), means, covs, settings.blend_k)
     else:
-        ellipse = torch.zeros(points.shape[0], dtype=torch.bool, device=loc.device)
+        ellipse = torch.zeros(inlier_pos.numel(), dtype=torch.bool, device=loc.device)
         ell_comps = torch.zeros(0, 1, dtype=torch.int64, device=loc.device)
         ell_alphas = torch.zeros(0, 1, device=loc.device)
-    counts = torch.bincount(assign[~ellipse], minlength=means.shape[0]).double()
+    component = assign[~ellipse]
+    counts = torch.bincount(component, minlength=means.shape[0]).double()
     counts = counts.index_add_(0, ell_comps.reshape(-1), ell_alphas.reshape(-1).double())
+    component = component.to(comp_dtype)
 
     outlier_pos = outliers.nonzero().squeeze(-1)
     plan = SharingPlan(
@@ -262,10 +317,10 @@ def _plan_from_mixture(
         covs=covs.float(),
         counts=counts.float(),
         outlier_index=outlier_pos,
-        outlier_loc=loc[outlier_pos].clone(),
-        outlier_scale=scale[outlier_pos].clone(),
+        outlier_loc=loc[outlier_pos],
+        outlier_scale=scale[outlier_pos],
         inlier_index=inlier_pos[~ellipse],
-        inlier_component=assign[~ellipse].to(comp_dtype),
+        inlier_component=component,
         ellipse_index=inlier_pos[ellipse],
         ellipse_components=ell_comps.to(comp_dtype),
         ellipse_alphas=ell_alphas.float(),
