@@ -30,7 +30,8 @@ from pyro_gbnn.batchnorm import BATCHNORM_MODES
 from pyro_gbnn.data import load_dataset, make_loader
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.metrics import mean_and_spread, ood_metrics
-from pyro_gbnn.pipeline import FitRun, model_after_stage, open_run
+from pyro_gbnn.pipeline import model_after_stage, open_run
+from pyro_gbnn.stages import FitRun
 from pyro_gbnn.predict import predict
 from pyro_gbnn.shift import digits_as_cifar_test_set
 

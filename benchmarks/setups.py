@@ -181,7 +181,7 @@ def save_plan(path: str, batch: Batch, sharing: dict | None = None) -> None:
 
 def build_gbnn(batch: Batch, semantics: str = "tied", name: str = "gbnn_tied", plan_path: str | None = None,
                sharing: dict | None = None, **_) -> Setup:
-    """2DGBNN fine-tuning (stage 3): parameter groups as ``TwoDGBNN.stage_fine_tune`` (``pipeline.train_variational``).
+    """2DGBNN fine-tuning (stage 3): parameter groups as ``TwoDGBNN.stage_fine_tune`` (``pyro_gbnn.stages.train_variational``).
 
     The plan comes from ``plan_path`` (see :func:`save_plan`) or is built here."""
     from pyro_gbnn.sharing.plan import SharingPlan

@@ -1,23 +1,19 @@
 """pyro_gbnn: compressed Bayesian neural networks on Pyro and PyTorch.
 
-Importing the package switches Pyro to module-local parameters
-(``pyro.settings.set(module_local_params=True)``): parameters live in modules, so
-``state_dict`` is the whole truth and two models never share state by name.
+The names below load on first use (PEP 562), so ``import pyro_gbnn`` prints nothing and
+loads neither ArviZ nor matplotlib; only ``predict`` and its two helpers load at once (the
+subpackage :mod:`pyro_gbnn.predict` would otherwise shadow the function of that name).
+No global Pyro setting changes: the package's modules keep their parameters to themselves
+while they run (:mod:`pyro_gbnn.local_params`).
 """
 
-from pyro_gbnn import metrics
-from pyro_gbnn.diagnostics import khat_reading, to_inference_data, variational_khat
-from pyro_gbnn.bayesian import BayesianNetwork
-from pyro_gbnn.config import DEFAULTS, apply_overrides, load_config
-from pyro_gbnn.data import load_dataset, make_loader
-from pyro_gbnn.elbo import AnalyticKL_ELBO
-from pyro_gbnn.guides import MeanFieldGuide, SiteGuide, site_key
-from pyro_gbnn.likelihoods import Categorical, Gaussian
-from pyro_gbnn.model_file import export_model, load_model
-from pyro_gbnn.models import build_model
-from pyro_gbnn.pipeline import load_run_model, run_fit
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from pyro_gbnn.predict import fixed_draws, predict, predictive_summary
-from pyro_gbnn.priors import IIDNormalPrior, LayerwiseNormalPrior, Prior, ScaleMixturePrior
+from pyro_gbnn.version import __version__
 
 __all__ = [
     "AnalyticKL_ELBO",
@@ -31,9 +27,11 @@ __all__ = [
     "Prior",
     "ScaleMixturePrior",
     "SiteGuide",
+    "__version__",
     "apply_overrides",
     "build_model",
     "export_model",
+    "fixed_draws",
     "khat_reading",
     "load_config",
     "load_dataset",
@@ -41,7 +39,6 @@ __all__ = [
     "load_run_model",
     "make_loader",
     "metrics",
-    "fixed_draws",
     "predict",
     "predictive_summary",
     "run_fit",
@@ -50,4 +47,44 @@ __all__ = [
     "variational_khat",
 ]
 
-__version__ = "0.1.0"
+_WHERE = {  # public name -> the module that defines it
+    "AnalyticKL_ELBO": "elbo",
+    "BayesianNetwork": "bayesian",
+    "Categorical": "likelihoods",
+    "DEFAULTS": "config",
+    "Gaussian": "likelihoods",
+    "IIDNormalPrior": "priors",
+    "LayerwiseNormalPrior": "priors",
+    "MeanFieldGuide": "guides",
+    "Prior": "priors",
+    "ScaleMixturePrior": "priors",
+    "SiteGuide": "guides",
+    "apply_overrides": "config",
+    "build_model": "models",
+    "export_model": "model_file",
+    "khat_reading": "diagnostics",
+    "load_config": "config",
+    "load_dataset": "data",
+    "load_model": "model_file",
+    "load_run_model": "pipeline",
+    "make_loader": "data",
+    "run_fit": "pipeline",
+    "site_key": "guides",
+    "to_inference_data": "diagnostics",
+    "variational_khat": "diagnostics",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"pyro_gbnn.{_WHERE[name]}"), name)
+    elif name == "metrics":
+        value = importlib.import_module("pyro_gbnn.metrics")
+    else:
+        raise AttributeError(f"module 'pyro_gbnn' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -11,7 +11,7 @@ normalised a batch; a prediction then uses S fixed draws, each with its own stat
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import pyro
 import torch
@@ -19,8 +19,13 @@ from pyro import poutine
 from torch import nn
 
 __all__ = [
-    "BATCHNORM_MODES", "PER_DRAW_STATISTICS", "batchnorm_layers", "batchnorm_statistics", "current_batchnorm_statistics",
-    "load_batchnorm_statistics", "per_draw_batchnorm_bytes",
+    "BATCHNORM_MODES",
+    "PER_DRAW_STATISTICS",
+    "batchnorm_layers",
+    "batchnorm_statistics",
+    "current_batchnorm_statistics",
+    "load_batchnorm_statistics",
+    "per_draw_batchnorm_bytes",
 ]
 
 BATCHNORM_MODES = ("running", "per_draw")
@@ -32,8 +37,11 @@ PER_DRAW_STATISTICS = ("running_mean", "running_var")
 
 def batchnorm_layers(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     """Every BatchNorm layer of ``module`` that tracks running statistics, by name."""
-    return {name: m for name, m in module.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    return {
+        name: m
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    }
 
 
 @torch.no_grad()
@@ -49,7 +57,9 @@ def batchnorm_statistics(
     "<layer>.num_batches_tracked": ...}`` for :func:`load_batchnorm_statistics`.
     """
     layers = batchnorm_layers(bnn)
-    saved = {name: (m.training, m.momentum, {k: getattr(m, k).clone() for k in _STATISTICS}) for name, m in layers.items()}
+    saved = {
+        name: (m.training, m.momentum, {k: getattr(m, k).clone() for k in _STATISTICS}) for name, m in layers.items()
+    }
     device = next((p.device for p in bnn.parameters()), None)
     was_training = bnn.training
     bnn.eval()
@@ -89,4 +99,6 @@ def load_batchnorm_statistics(bnn: nn.Module, statistics: dict[str, torch.Tensor
 def per_draw_batchnorm_bytes(bnn: nn.Module, num_draws: int) -> int:
     """Bytes of ``num_draws`` draws' BatchNorm statistics as a model file stores them (fp32
     means and variances of every BatchNorm channel): what ``per_draw`` adds to a model's size."""
-    return 4 * num_draws * sum(getattr(m, k).numel() for m in batchnorm_layers(bnn).values() for k in PER_DRAW_STATISTICS)
+    return (
+        4 * num_draws * sum(getattr(m, k).numel() for m in batchnorm_layers(bnn).values() for k in PER_DRAW_STATISTICS)
+    )

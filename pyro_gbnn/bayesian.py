@@ -21,15 +21,12 @@ from pyro.nn.module import to_pyro_module_
 from torch import nn
 
 from pyro_gbnn.likelihoods import Categorical
+from pyro_gbnn.local_params import LocalParams
 from pyro_gbnn.priors import Prior
 from pyro_gbnn.reparameterization import ESTIMATORS, apply_estimator, weight_distribution
 from pyro_gbnn.sparse import SparseNormal, sparse_linear
 
 __all__ = ["BayesianNetwork", "NORM_LAYERS"]
-
-# Parameters live in modules, never in Pyro's global store: two models never share
-# state by name and ``state_dict`` is the whole truth.
-pyro.settings.set(module_local_params=True)
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
@@ -73,14 +70,15 @@ class BayesianConv2d(PyroModule[nn.Conv2d]):
         weight = self.weight
         if self.estimator == "weight":
             return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return apply_estimator(self.estimator, self._op, x, weight_distribution(weight), weight, self.bias,
-                               feature_dim=self.feature_dim)
+        return apply_estimator(
+            self.estimator, self._op, x, weight_distribution(weight), weight, self.bias, feature_dim=self.feature_dim
+        )
 
 
 _ESTIMATED_LAYERS = {nn.Linear: BayesianLinear, nn.Conv2d: BayesianConv2d}
 
 
-class BayesianNetwork(PyroModule):
+class BayesianNetwork(LocalParams, PyroModule):
     """A Bayesian version of ``net``: prior sites for its weights, a likelihood for its outputs.
 
     ``bnn(x)`` returns logits for one draw of the weights from whatever distribution the
@@ -163,7 +161,7 @@ class BayesianNetwork(PyroModule):
         self._rename_sites()
 
     @property
-    def site_shapes(self) -> "OrderedDict[str, torch.Size]":
+    def site_shapes(self) -> OrderedDict[str, torch.Size]:
         """Shape of each Bayesian parameter, in network order."""
         return OrderedDict(self._site_shapes)
 

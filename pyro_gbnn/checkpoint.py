@@ -17,10 +17,13 @@ import numpy as np
 import torch
 
 from pyro_gbnn.errors import UsageError
+from pyro_gbnn.version import __version__
 
 __all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
-FORMAT = "pyro_gbnn.checkpoint/1"
+FORMAT = "pyro_gbnn.checkpoint/2"
+"""The layout this version writes and reads; another is a one-line error naming the version
+that wrote it (2: 0.2.0, every key of a run's checkpoint always present; 1: 0.1.x)."""
 
 
 def _umask() -> int:
@@ -72,7 +75,7 @@ def _on_cpu(value: Any, memo: dict[int, torch.Tensor]) -> Any:
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` (tensors on any device are written as CPU tensors, so the file loads on
     any machine, even with a plain ``torch.load(path, weights_only=True)``)."""
-    state = _on_cpu({"format": FORMAT, **state}, {})
+    state = _on_cpu({"format": FORMAT, "written_by": __version__, **state}, {})
     atomic_write_bytes(path, lambda handle: torch.save(state, handle))
 
 
@@ -89,7 +92,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {str(path)!r} is corrupt or not a pyro_gbnn checkpoint ({reason[:120]}); "
             "move it away and rerun, or start a new run with another --out"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    found = state.get("format") if isinstance(state, dict) else None
+    if isinstance(found, str) and found.startswith("pyro_gbnn.checkpoint/") and found != FORMAT:
+        writer = state.get("written_by", "0.1.x")
+        raise UsageError(
+            f"checkpoint {str(path)!r} was written by pyro_gbnn {writer} (format {found}); pyro_gbnn {__version__} "
+            f"reads {FORMAT}: open it with pyro_gbnn {writer}, or start the run again"
+        )
+    if found != FORMAT:
         raise UsageError(f"checkpoint {str(path)!r} is not a pyro_gbnn checkpoint (expected format {FORMAT})")
     return state
 

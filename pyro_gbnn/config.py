@@ -8,27 +8,52 @@ back unchanged on resume. Every key a file or an override names must exist in
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 from pyro_gbnn.errors import UsageError
 
 __all__ = [
-    "DEFAULTS", "CONFIG_DIR", "dataset_config_file", "load_config", "merge", "with_new_defaults", "apply_overrides",
-    "dump_config", "flatten",
+    "DEFAULTS",
+    "CONFIG_DIR",
+    "dataset_config_file",
+    "load_config",
+    "merge",
+    "apply_overrides",
+    "dump_config",
+    "flatten",
 ]
 
-# The shipped configs (a source checkout's configs/ folder) that `fit --dataset D [--method M]`
-# starts from when no --config is given: the paper's network and settings per data set,
-# the method's own file where one exists; the first entry is the data set's default method.
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+def _config_dir() -> Path:
+    """The shipped configs: ``pyro_gbnn/configs`` in an installed wheel (``configs/`` is
+    package data there, see pyproject.toml), the checkout's ``configs/`` otherwise."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+# The shipped configs that `fit --dataset D [--method M]` starts from when no --config is
+# given: the paper's network and settings per data set, the method's own file where one
+# exists; the first entry is the data set's default method.
+CONFIG_DIR = _config_dir()
 _DATASET_CONFIGS = {
-    "mnist": {"2dgbnn": "mnist_quick_2dgbnn.yaml", "mean-field": "mnist_quick.yaml", "spike-slab": "mnist_quick_spike_slab.yaml",
-              "ssvi": "mnist_quick_ssvi.yaml", "int8": "mnist_quick_int8.yaml"},
-    "cifar10": {"2dgbnn": "cifar10_resnet20.yaml", "spike-slab": "cifar10_resnet20_spike_slab.yaml",
-                "ssvi": "cifar10_resnet20_ssvi.yaml", "int8": "cifar10_resnet20_int8.yaml"},
+    "mnist": {
+        "2dgbnn": "mnist_quick_2dgbnn.yaml",
+        "mean-field": "mnist_quick.yaml",
+        "spike-slab": "mnist_quick_spike_slab.yaml",
+        "ssvi": "mnist_quick_ssvi.yaml",
+        "int8": "mnist_quick_int8.yaml",
+    },
+    "cifar10": {
+        "2dgbnn": "cifar10_resnet20.yaml",
+        "spike-slab": "cifar10_resnet20_spike_slab.yaml",
+        "ssvi": "cifar10_resnet20_ssvi.yaml",
+        "int8": "cifar10_resnet20_int8.yaml",
+    },
     "cifar100": {"2dgbnn": "cifar100_resnet18.yaml"},
     "imagenet": {"2dgbnn": "imagenet_resnet50.yaml"},
 }
@@ -72,7 +97,8 @@ DEFAULTS: dict[str, Any] = {
     "tracker": "none",  # also log to "tensorboard" or "mlflow" (pyro_gbnn.tracking)
     "data": {
         "dir": "data",
-        "cache_dir": None,  # decoded-image cache; None: $PYRO_GBNN_CACHE, else beside data you own, else ~/.cache/pyro_gbnn
+        # decoded-image cache; None: $PYRO_GBNN_CACHE, else beside data you own, else ~/.cache/pyro_gbnn
+        "cache_dir": None,
         "download": False,
         "val_fraction": 0.0,
         "augment": True,
@@ -166,8 +192,14 @@ DEFAULTS: dict[str, Any] = {
     # on batchnorm_batches training batches, pyro_gbnn.batchnorm; model files store them) or "running"
     # (the statistics gathered in training, over other draws: seed-dependent, less calibrated);
     # evaluation_seeds > 1: a stage's test metrics are the mean over that many seeds, with their range.
-    "predict": {"num_samples": 30, "ece_bins": 15, "sample_chunk": 10, "batchnorm": "per_draw", "batchnorm_batches": 20,
-                "evaluation_seeds": 3},
+    "predict": {
+        "num_samples": 30,
+        "ece_bins": 15,
+        "sample_chunk": 10,
+        "batchnorm": "per_draw",
+        "batchnorm_batches": 20,
+        "evaluation_seeds": 3,
+    },
 }
 
 
@@ -227,13 +259,18 @@ def _coerce(where: str, default: Any, value: Any) -> Any:
 
 def dataset_config_file(dataset: str, method: str | None = None) -> Path | None:
     """The shipped config a run on ``dataset`` (with ``method``, else the data set's default
-    method) starts from, or None (no such data set here, or no configs/ folder beside the
-    package, as in a wheel install: then the built-in defaults apply)."""
+    method) starts from, or None when none ships for that data set (the built-in defaults
+    apply). A shipped config missing from the installation is a one-line error."""
     files = _DATASET_CONFIGS.get(str(dataset).lower())
     if files is None:
         return None
     path = CONFIG_DIR / files.get(method or "", next(iter(files.values())))
-    return path if path.is_file() else None
+    if not path.is_file():
+        raise UsageError(
+            f"the shipped config {path.name} is not in {str(CONFIG_DIR)!r}; reinstall pyro_gbnn "
+            "(pip install pyro_gbnn) or pass --config FILE"
+        )
+    return path
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -254,7 +291,9 @@ def load_config(path: str | Path | None, base: dict | None = None) -> dict:
         return config
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"config file {str(path)!r} does not exist; pass an existing YAML file, e.g. configs/mnist_quick.yaml")
+        raise UsageError(
+            f"config file {str(path)!r} does not exist; pass an existing YAML file, e.g. configs/mnist_quick.yaml"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -264,18 +303,6 @@ def load_config(path: str | Path | None, base: dict | None = None) -> dict:
     if not isinstance(data, dict):
         raise UsageError(f"config file {str(path)!r} must hold a mapping of keys to values, got {type(data).__name__}")
     return merge(config, data)
-
-
-def with_new_defaults(config: dict, defaults: dict = DEFAULTS) -> dict:
-    """A run's stored ``config`` with every key added to :data:`DEFAULTS` since it was written
-    set to its default (new keys default to the earlier behaviour), so older runs open and resume."""
-    out = copy.deepcopy(config)
-    for key, value in defaults.items():
-        if key not in out:
-            out[key] = copy.deepcopy(value)
-        elif isinstance(value, dict) and value and isinstance(out[key], dict) and key not in _CLASS_SPECS + _USER_KEYS:
-            out[key] = with_new_defaults(out[key], value)
-    return out
 
 
 def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:

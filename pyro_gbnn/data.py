@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from tqdm.auto import tqdm
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 try:
     from torchvision.io import ImageReadMode
@@ -406,9 +406,7 @@ def _load_cifar_pickled(
     return out[0], out[1], out[2], out[3], classes
 
 
-def _load_cifar_jpeg(
-    name: str, folder: Path, cache_dir: Path
-) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+def _load_cifar_jpeg(name: str, folder: Path, cache_dir: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
     expected = 10 if name == "cifar10" else 100
     train_folder, test_folder = folder / "train", folder / "test"
     for split in (train_folder, test_folder):
@@ -432,9 +430,7 @@ def _load_cifar_jpeg(
 # --------------------------------------------------------------------------- image folders
 
 
-def _scan_image_folder(
-    folder: Path, classes: list[str] | None = None
-) -> tuple[list[str], list[tuple[str, int]]]:
+def _scan_image_folder(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
     """(classes, sorted (path, label) samples) of an ImageFolder tree; labels follow `classes`.
 
     Given `classes` (those of the training folder), class folders must be a subset of them.
@@ -443,16 +439,13 @@ def _scan_image_folder(
         raise UsageError(f"image folder {folder} does not exist; expected {folder}/<class>/<image>")
     found = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not found:
-        raise UsageError(
-            f"no class folders in {folder}; expected the ImageFolder layout {folder}/<class>/<image>"
-        )
+        raise UsageError(f"no class folders in {folder}; expected the ImageFolder layout {folder}/<class>/<image>")
     if classes is None:
         classes = found
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise UsageError(
-            f"{folder} has class folders absent from the training set: {', '.join(unknown[:5])}; "
-            "rename or remove them"
+            f"{folder} has class folders absent from the training set: {', '.join(unknown[:5])}; rename or remove them"
         )
     index = {c: i for i, c in enumerate(classes)}
     samples: list[tuple[str, int]] = []
@@ -473,25 +466,21 @@ def _scan_image_folder(
     return classes, samples
 
 
-def _load_image_folder(
-    name: str, root: Path
-) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+def _load_image_folder(name: str, root: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
     candidates = [root] + ([root / "imagenet"] if name == "imagenet" else [])
     for base in candidates:
         if (base / "train").is_dir():
             test = next((base / s for s in ("val", "test") if (base / s).is_dir()), None)
             if test is None:
                 raise UsageError(
-                    f"{name}: found {base / 'train'} but neither {base / 'val'} nor {base / 'test'}; "
-                    "add one of them"
+                    f"{name}: found {base / 'train'} but neither {base / 'val'} nor {base / 'test'}; add one of them"
                 )
             classes, train_samples = _scan_image_folder(base / "train")
             _, test_samples = _scan_image_folder(test, classes)
             return classes, train_samples, test_samples
     looked = " and ".join(f"{b}/{{train,val}}" for b in candidates)
     raise UsageError(
-        f"{name} not found: looked for {looked} in the ImageFolder layout <split>/<class>/<image>; "
-        "pass --data-dir"
+        f"{name} not found: looked for {looked} in the ImageFolder layout <split>/<class>/<image>; pass --data-dir"
     )
 
 
@@ -506,7 +495,9 @@ def _check_image(path: str) -> None:
 def _check_images_once(root: Path, samples: list[tuple[str, int]], cache_dir: Path) -> None:
     """Every image file of an ImageFolder data set decodes, checked before any training; a
     listing that passed is remembered by its fingerprint, so later runs skip the scan."""
-    marker = f"checked-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}-{_fingerprint(root, samples)[:32]}"
+    marker = (
+        f"checked-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}-{_fingerprint(root, samples)[:32]}"
+    )
     directories = [cache_dir, _user_cache_dir()]
     if any((d / marker).is_file() for d in directories):
         return
@@ -517,7 +508,10 @@ def _check_images_once(root: Path, samples: list[tuple[str, int]], cache_dir: Pa
         except Exception as err:  # PIL reports broken files as OSError, SyntaxError, ValueError...
             bad.append(f"{path} ({type(err).__name__}: {_one_line(err)})")
     if bad:
-        raise UsageError(f"{len(bad)} of {len(samples)} image files under {root} cannot be decoded, e.g. {bad[0]}; remove or replace them")
+        raise UsageError(
+            f"{len(bad)} of {len(samples)} image files under {root} cannot be decoded, e.g. {bad[0]}; remove or "
+            "replace them"
+        )
     for directory in directories:
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -574,7 +568,7 @@ def _read_cache(path: Path, fingerprint: str, n: int) -> tuple[Tensor, Tensor] |
             and blob["fingerprint"] == fingerprint
         )
     except Exception as err:  # any unreadable cache is rebuilt, whatever the failure
-        warnings.warn(f"ignoring unreadable decode cache {path} ({type(err).__name__}); rebuilding it")
+        warnings.warn(f"ignoring unreadable decode cache {path} ({type(err).__name__}); rebuilding it", stacklevel=2)
         return None
     if not ok:
         return None
@@ -599,7 +593,7 @@ def _write_cache(directories: list[Path], filename: str, blob: dict) -> Path | N
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
     where = ", ".join(map(str, directories))
-    warnings.warn(f"could not write a decode cache to any of {where}; decoding every run")
+    warnings.warn(f"could not write a decode cache to any of {where}; decoding every run", stacklevel=2)
     return None
 
 
@@ -626,8 +620,7 @@ def _cached_decode(
         image = _decode_image(path)
         if tuple(image.shape[1:]) != size:
             raise UsageError(
-                f"image {path} is {image.shape[2]}x{image.shape[1]}, expected {size[1]}x{size[0]}; "
-                "check --data-dir"
+                f"image {path} is {image.shape[2]}x{image.shape[1]}, expected {size[1]}x{size[0]}; check --data-dir"
             )
         images.append(image)
     x = torch.stack(images)
@@ -652,9 +645,7 @@ def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tens
         return torch.arange(n), None
     n_val = max(1, round(val_fraction * n))
     if n_val >= n:
-        raise UsageError(
-            f"val_fraction={val_fraction} leaves no training images out of {n}; use a smaller fraction"
-        )
+        raise UsageError(f"val_fraction={val_fraction} leaves no training images out of {n}; use a smaller fraction")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
@@ -686,7 +677,9 @@ def load_dataset(
         if key == "mnist":
             x_train, y_train, x_test, y_test, classes = _load_mnist(root, download)
         else:
-            x_train, y_train, x_test, y_test, classes = _load_cifar(key, root, download, decode_cache_dir(root, cache_dir))
+            x_train, y_train, x_test, y_test, classes = _load_cifar(
+                key, root, download, decode_cache_dir(root, cache_dir)
+            )
         full: ImageTensorDataset | ImageFileDataset = ImageTensorDataset(x_train, y_train, eval_tf)
         test: Dataset = ImageTensorDataset(x_test, y_test, eval_tf)
         in_channels, image_size = x_train.shape[1], x_train.shape[-1]
@@ -747,7 +740,9 @@ class _ShardedEpochPermutation(DistributedSampler):
     splits its own (padded to a multiple of the ranks, then every ``num_replicas``-th item),
     so local batch b of all ranks together holds the items of one-process batch b."""
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int, num_replicas: int, rank: int, tag_epoch: bool = False) -> None:
+    def __init__(
+        self, dataset: Dataset, seed: int, epoch: int, num_replicas: int, rank: int, tag_epoch: bool = False
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.set_epoch(epoch)
         self.tag_epoch = tag_epoch

@@ -40,10 +40,14 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         raise UsageError(f"device {name!r} is not a torch device; use {DEVICE_CHOICES}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"device {name!r} is not available on this machine (torch sees no CUDA GPU); choose device auto or cpu")
+            raise UsageError(
+                f"device {name!r} is not available on this machine (torch sees no CUDA GPU); choose device auto or cpu"
+            )
         index = _local_rank() if device.index is None else device.index
         if index >= torch.cuda.device_count():
-            raise UsageError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(
+                f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         return torch.device("cuda", index)
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"device {name!r} is not available on this machine; choose device auto or cpu")

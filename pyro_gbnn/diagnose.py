@@ -32,18 +32,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pyro_gbnn.diagnose", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="folder of a finished run (holds checkpoint.pt)")
     parser.add_argument("--data-dir", help="where the data set is now, if it moved since the run")
-    parser.add_argument("--samples", type=int, help="posterior draws per test image (default: the run's predict.num_samples)")
+    parser.add_argument(
+        "--samples", type=int, help="posterior draws per test image (default: the run's predict.num_samples)"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
     return parser
 
 
 def diagnose_run(
-    run_dir: str | Path, data_dir: str | Path | None = None, samples: int | None = None, device: str | torch.device | None = "auto"
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    samples: int | None = None,
+    device: str | torch.device | None = "auto",
 ) -> list[Path]:
     """Write the pictures and ``summary.md`` of a finished run, its model rebuilt on ``device``
     (``auto``: the GPU when there is one, whatever the run trained on); returns the written paths."""
     from pyro_gbnn.data import sample_examples
-    from pyro_gbnn.fit import format_table
     from pyro_gbnn.metrics import classification_metrics, ood_metrics, reliability_diagram
     from pyro_gbnn.pipeline import model_after_stage, open_run
     from pyro_gbnn.plots import (
@@ -55,6 +59,7 @@ def diagnose_run(
         training_curves,
     )
     from pyro_gbnn.predict import predict
+    from pyro_gbnn.report import format_table
     from pyro_gbnn.sharing.plan import SharingPlan
     from pyro_gbnn.tracking import open_tracker
 
@@ -69,8 +74,14 @@ def diagnose_run(
     torch.manual_seed(run.config["seed"])
     num_samples = 1 if guide is None else samples or run.config["predict"]["num_samples"]
     draws = run.fixed_draws(network, guide, num_samples)  # per-draw BatchNorm statistics, or None
-    prediction = predict(network, guide, run.loader("test"), num_samples=num_samples, sample_chunk=run.config["predict"]["sample_chunk"],
-                         draws=draws)
+    prediction = predict(
+        network,
+        guide,
+        run.loader("test"),
+        num_samples=num_samples,
+        sample_chunk=run.config["predict"]["sample_chunk"],
+        draws=draws,
+    )
     bins = run.config["predict"]["ece_bins"]
     classes = run.data.classes
     written = [
@@ -102,21 +113,23 @@ def diagnose_run(
     fit = _variational_fit(run, network, guide, num_samples, (x, y)) if guide is not None else []
     fit.append(
         f"- Out of distribution ({len(y)} test images against the same with their pixels shuffled by one "
-        f"fixed permutation): predictive-entropy AUROC {ood['entropy_auroc']:.3f}, FPR at 95% TPR {ood['entropy_fpr95']:.3f}"
+        f"fixed permutation): predictive-entropy AUROC {ood['entropy_auroc']:.3f}, FPR at 95% TPR "
+        f"{ood['entropy_fpr95']:.3f}"
     )
     summary = out / "summary.md"
     summary.write_text(
         f"# {run.config['method']} on {run.config['dataset']} ({run.config['model']})\n\n"
         f"```\n{format_table({'stages': run.results})}\n```\n\n"
         f"Test predictions drawn here ({num_samples} posterior draws per image"
-        + (", each with its own BatchNorm statistics" if draws is not None else "") + "): "
+        + (", each with its own BatchNorm statistics" if draws is not None else "")
+        + "): "
         + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         + "\n\n"
         + "".join(f"{line}\n" for line in fit)
         + "\n"
         + "".join(f"![{p.stem}]({p.name})\n" for p in written)
     )
-    tracker = open_tracker(run.config.get("tracker", "none"), run_dir, run.config)
+    tracker = open_tracker(run.config["tracker"], run_dir, run.config)
     try:  # the run's tracker (if any) gets the pictures and the summary too
         for path in written:
             tracker.figure(f"diagnostics/{path.stem}", path)
@@ -134,7 +147,9 @@ def _pixel_shuffled(x: torch.Tensor, seed: int) -> torch.Tensor:
     return x.reshape(n, c, h * w)[:, :, order].reshape(n, c, h, w)
 
 
-def _variational_fit(run, network, guide, num_samples: int, test: tuple[torch.Tensor, torch.Tensor], examples: int = 1000) -> list[str]:
+def _variational_fit(
+    run, network, guide, num_samples: int, test: tuple[torch.Tensor, torch.Tensor], examples: int = 1000
+) -> list[str]:
     """Lines for summary.md: Pareto k-hat of q on ``examples`` training examples (a seeded
     random subset), PSIS-LOO on the ``test`` subset the pictures used."""
     from pyro_gbnn.arviz_compat import loo as psis_loo
@@ -142,19 +157,31 @@ def _variational_fit(run, network, guide, num_samples: int, test: tuple[torch.Te
     from pyro_gbnn.diagnostics import khat_reading, to_inference_data, variational_khat
 
     lines = []
-    x, y = (t.to(run.device) for t in sample_examples(run.data.train, examples, run.config["seed"]))  # the network's device
+    examples_here = sample_examples(run.data.train, examples, run.config["seed"])
+    x, y = (t.to(run.device) for t in examples_here)  # the network's device
     try:
         khat, _ = variational_khat(network, guide, x, y, num_samples=max(num_samples, 100))
-        lines.append(f"- Pareto k-hat of p(w, D) / q(w) ({len(y)} training examples scaled to the data set): {khat:.2f}, {khat_reading(khat)}")
+        lines.append(
+            f"- Pareto k-hat of p(w, D) / q(w) ({len(y)} training examples scaled to the data set): {khat:.2f}, "
+            f"{khat_reading(khat)}"
+        )
     except UsageError as err:
         lines.append(f"- Pareto k-hat: not defined here ({err})")
     x, y = (t.to(run.device) for t in test)
     batchnorm = run.batchnorm_batches() if run.per_draw_batchnorm(network, guide) else None
-    idata = to_inference_data(guide, num_samples=max(num_samples, 100), bnn=network, data=(x, y),  # PSIS needs draws
-                              batchnorm_batches=batchnorm)
+    idata = to_inference_data(
+        guide,
+        num_samples=max(num_samples, 100),
+        bnn=network,
+        data=(x, y),  # PSIS needs draws
+        batchnorm_batches=batchnorm,
+    )
     loo = psis_loo(idata)
     bad = int((loo.pareto_k > 0.7).sum())
-    lines.append(f"- PSIS-LOO on {len(y)} test examples: elpd_loo {loo.elpd:.1f} (SE {loo.se:.1f}), p_loo {loo.p:.1f}, {bad} points with k > 0.7")
+    lines.append(
+        f"- PSIS-LOO on {len(y)} test examples: elpd_loo {loo.elpd:.1f} (SE {loo.se:.1f}), p_loo {loo.p:.1f}, {bad} "
+        "points with k > 0.7"
+    )
     return lines
 
 

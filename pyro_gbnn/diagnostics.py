@@ -12,8 +12,9 @@ Works on ArviZ 0.x and 1.x (see :mod:`pyro_gbnn.arviz_compat`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyro
@@ -98,8 +99,13 @@ def _run_model_and_data(run_dir: str | Path, data, seed: int) -> tuple[nn.Module
     return guide, bnn, data if data is not None else sample_examples(run.data.test, 1000, seed)
 
 
-def _predictive_groups(bnn: nn.Module, draws: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                       batchnorm_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+def _predictive_groups(
+    bnn: nn.Module,
+    draws: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batchnorm_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict:
     device = module_device(bnn)
     x, y = x.to(device), y.to(device)
     was_training = bnn.training

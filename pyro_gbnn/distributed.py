@@ -11,8 +11,9 @@ file, all ranks compute.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,9 +23,23 @@ from pyro_gbnn.devices import resolve_device
 from pyro_gbnn.errors import UsageError
 
 __all__ = [
-    "setup", "teardown", "is_distributed", "rank", "world_size", "is_main", "barrier", "all_sum",
-    "broadcast_object", "all_gather_objects", "shard_range", "data_parallel", "main_first", "rank_seed",
-    "rng_states", "set_rng_states", "check_saved_world",
+    "setup",
+    "teardown",
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main",
+    "barrier",
+    "all_sum",
+    "broadcast_object",
+    "all_gather_objects",
+    "shard_range",
+    "data_parallel",
+    "main_first",
+    "rank_seed",
+    "rng_states",
+    "set_rng_states",
+    "check_saved_world",
 ]
 
 T = TypeVar("T")

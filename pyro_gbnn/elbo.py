@@ -56,7 +56,12 @@ def trace_kl(model_trace, guide_trace) -> torch.Tensor:
     return torch.as_tensor(total)
 
 
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 
 def _guide_callable(guide: nn.Module):
@@ -108,7 +113,9 @@ class AnalyticKL_ELBO(nn.Module):
             if site["type"] == "sample" and site["is_observed"]
         )
         guide_kl = getattr(self.guide, "kl_divergence", None)
-        with torch.autocast(getattr(x, "device", torch.device("cpu")).type, enabled=False):  # under mixed precision the KL stays fp32
+        with torch.autocast(
+            getattr(x, "device", torch.device("cpu")).type, enabled=False
+        ):  # under mixed precision the KL stays fp32
             kl = guide_kl(self.bnn) if guide_kl is not None else trace_kl(model_trace, guide_trace)
         return ELBOTerms(log_likelihood, kl, model_trace.nodes["logits"]["value"])
 

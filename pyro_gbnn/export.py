@@ -20,11 +20,15 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pyro_gbnn.export", description="Write the model of a finished run as one safetensors file.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pyro_gbnn.export", description="Write the model of a finished run as one safetensors file."
+    )
     parser.add_argument("run_dir", help="folder of a finished run (holds checkpoint.pt)")
     parser.add_argument("--out", required=True, help="the model file to write (.safetensors)")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="value tensors as fp32 or int8 codes")
-    parser.add_argument("--index-coding", default="zstd", choices=INDEX_CODINGS, help="2DGBNN index: raw, zstd (default) or ans")
+    parser.add_argument(
+        "--index-coding", default="zstd", choices=INDEX_CODINGS, help="2DGBNN index: raw, zstd (default) or ans"
+    )
     parser.add_argument("--stage", help="export the model after this stage (default: the run's last)")
     parser.add_argument("--data-dir", help="where the data set is now, if it moved since the run")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
@@ -34,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        sizes = export_model(args.run_dir, args.out, args.precision, args.index_coding, args.stage, args.data_dir, args.device)
+        sizes = export_model(
+            args.run_dir, args.out, args.precision, args.index_coding, args.stage, args.data_dir, args.device
+        )
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

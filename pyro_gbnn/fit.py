@@ -25,7 +25,7 @@ from pyro_gbnn.config import DEFAULTS, apply_overrides, dataset_config_file, fla
 from pyro_gbnn.devices import describe_device, resolve_device
 from pyro_gbnn.errors import DivergedError, UsageError
 from pyro_gbnn.methods import METHODS, method_class
-from pyro_gbnn.pipeline import FINAL_KEYS
+from pyro_gbnn.report import FINAL_KEYS, format_table
 from pyro_gbnn.tracking import TRACKERS
 
 __all__ = ["main", "build_config", "base_config_file", "resume_differences"]
@@ -34,23 +34,59 @@ __all__ = ["main", "build_config", "base_config_file", "resume_differences"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pyro_gbnn.fit",
-        description="Train a (compressed) Bayesian neural network; writes config.yaml, log.jsonl, checkpoint.pt and metrics.json into --out.",
+        description=(
+            "Train a (compressed) Bayesian neural network; writes config.yaml, log.jsonl, checkpoint.pt and "
+            "metrics.json into --out."
+        ),
     )
     parser.add_argument("--dataset", help="mnist, cifar10, cifar100, imagenet or imagefolder")
     parser.add_argument("--model", help="network name (see pyro_gbnn.models.MODELS)")
-    parser.add_argument("--method", help=f"one of {', '.join(METHODS)}, or a Method subclass by dotted path (package.module.Class)")
+    parser.add_argument(
+        "--method", help=f"one of {', '.join(METHODS)}, or a Method subclass by dotted path (package.module.Class)"
+    )
     parser.add_argument("--config", help="YAML file with settings (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. mean_field.lr=1e-3 (repeatable)")
-    parser.add_argument("--data-dir", default=os.environ.get("PYRO_GBNN_DATA"), help="folder holding the data set (torchvision or ImageFolder layout); default: $PYRO_GBNN_DATA, else the config's data.dir")
-    parser.add_argument("--cache-dir", default=os.environ.get("PYRO_GBNN_CACHE"), help="folder for decoded-image caches; default: $PYRO_GBNN_CACHE, else beside the data if it is yours, else ~/.cache/pyro_gbnn")
-    parser.add_argument("--download", action="store_true", help="download the data set with torchvision if it is missing")
-    parser.add_argument("--out", help="run folder (must be new unless --resume); default: runs/<dataset>-<method>-<date>-<time>")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. mean_field.lr=1e-3 (repeatable)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("PYRO_GBNN_DATA"),
+        help=(
+            "folder holding the data set (torchvision or ImageFolder layout); default: $PYRO_GBNN_DATA, else the "
+            "config's data.dir"
+        ),
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=os.environ.get("PYRO_GBNN_CACHE"),
+        help=(
+            "folder for decoded-image caches; default: $PYRO_GBNN_CACHE, else beside the data if it is yours, else "
+            "~/.cache/pyro_gbnn"
+        ),
+    )
+    parser.add_argument(
+        "--download", action="store_true", help="download the data set with torchvision if it is missing"
+    )
+    parser.add_argument(
+        "--out", help="run folder (must be new unless --resume); default: runs/<dataset>-<method>-<date>-<time>"
+    )
     parser.add_argument("--epochs", type=int, help="epochs of the method's final training stage")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--init-from", help="skip stage 0: take the deterministic network from this checkpoint.pt or state_dict file")
+    parser.add_argument(
+        "--init-from", help="skip stage 0: take the deterministic network from this checkpoint.pt or state_dict file"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch stays)")
-    parser.add_argument("--tracker", choices=TRACKERS, help="also log to TensorBoard (RUN_DIR/tensorboard) or MLflow (MLFLOW_TRACKING_URI); needs .[tracking]")
+    parser.add_argument(
+        "--tracker",
+        choices=TRACKERS,
+        help="also log to TensorBoard (RUN_DIR/tensorboard) or MLflow (MLFLOW_TRACKING_URI); needs .[tracking]",
+    )
     return parser
 
 
@@ -83,13 +119,22 @@ def _epochs_update(method: str, epochs: int) -> dict:
     """The config change ``--epochs`` makes: the epochs of the method's training stage."""
     stage = method_class(method).training_stage
     if stage not in DEFAULTS:
-        raise UsageError(f"--epochs sets the epochs of method {method!r}'s stage {stage!r}, which has no config section; set them through method_args instead")
+        raise UsageError(
+            f"--epochs sets the epochs of method {method!r}'s stage {stage!r}, which has no config section; set them "
+            "through method_args instead"
+        )
     return {stage: {"epochs": epochs}}
 
 
 def _named_flags(args: argparse.Namespace) -> dict:
-    return {"dataset": args.dataset, "model": args.model, "method": args.method, "seed": args.seed,
-            "init_from": args.init_from, "tracker": args.tracker}
+    return {
+        "dataset": args.dataset,
+        "model": args.model,
+        "method": args.method,
+        "seed": args.seed,
+        "init_from": args.init_from,
+        "tracker": args.tracker,
+    }
 
 
 def resume_differences(args: argparse.Namespace, saved: dict) -> list[str]:
@@ -101,45 +146,21 @@ def resume_differences(args: argparse.Namespace, saved: dict) -> list[str]:
     if args.epochs is not None:
         given = merge(given, _epochs_update(given["method"], args.epochs))
     old, new = flatten(saved), flatten(apply_overrides(given, args.overrides))
-    return [f"{key} {new[key]!r} != saved {old.get(key)!r}" for key in new if new[key] != old.get(key) and key not in RESUMABLE_ELSEWHERE]
+    return [
+        f"{key} {new[key]!r} != saved {old.get(key)!r}"
+        for key in new
+        if new[key] != old.get(key) and key not in RESUMABLE_ELSEWHERE
+    ]
 
 
-RESUMABLE_ELSEWHERE = ("device",)  # where a run computes may change on --resume (--set device=cpu); what it computes may not
+# Where a run computes may change on --resume (--set device=cpu); what it computes may not.
+RESUMABLE_ELSEWHERE = ("device",)
 
 
 def _resume_device(args: argparse.Namespace, saved: dict) -> str | None:
     """The device ``--set device=...`` asks a resumed run to move to, or None to keep the saved one."""
     device = apply_overrides(saved, [o for o in args.overrides if o.split("=", 1)[0].strip() == "device"])["device"]
     return None if device == saved.get("device") else device
-
-
-_COLUMNS = (  # (metrics key, header, width, format)
-    ("accuracy", "acc", 7, ".4f"), ("nll", "nll", 7, ".4f"), ("ece", "ece", 7, ".4f"),
-    ("n_outliers", "outliers", 9, "d"), ("n_ellipses", "ellipses", 9, "d"), ("n_gaussians", "gaussians", 9, "d"),
-    ("n_params_trainable", "params", 10, "d"), ("n_params_paper", "paper_params", 12, "d"), ("size_bytes", "bytes", 11, "d"),
-    ("size_bytes_index", "of_index", 9, "d"), ("sparsity", "sparsity", 9, ".4f"),
-    ("density", "density", 8, ".4f"), ("wall_time_s", "time_s", 8, ".1f"),
-)
-
-
-def format_table(metrics: dict) -> str:
-    """One row per stage in the paper's table layout (accuracy, NLL, ECE, outliers,
-    ellipses, Gaussians, parameters as we count them and as the paper does), plus the
-    deployable bytes (and, for 2DGBNN, how many of them are the index), and wall time."""
-    rows = [f"{'stage':<13}" + "".join(f"{header:>{width + 2}}" for _, header, width, _ in _COLUMNS)]
-    for stage, result in metrics["stages"].items():
-        cells = [
-            f"{result[key]:>{width + 2}{fmt}}" if result.get(key) is not None else f"{'-':>{width + 2}}"
-            for key, _, width, fmt in _COLUMNS
-        ]
-        rows.append(f"{stage:<13}" + "".join(cells))
-        for bits, variant in result.get("by_scale_bits", {}).items():
-            cells = [
-                f"{variant[key]:>{width + 2}{fmt}}" if variant.get(key) is not None else f"{'-':>{width + 2}}"
-                for key, _, width, fmt in _COLUMNS
-            ]
-            rows.append(f"{'  ' + bits + '-bit sd':<13}" + "".join(cells))
-    return "\n".join(rows)
 
 
 def _saved_config(out: Path) -> dict:
@@ -170,24 +191,42 @@ def main(argv: list[str] | None = None) -> int:
             saved = _saved_config(Path(args.out))
             differences = resume_differences(args, saved)
             if differences:
-                raise UsageError(f"--resume continues the run in {args.out!r} with its saved settings; these flags differ: {'; '.join(differences)}")
+                raise UsageError(
+                    f"--resume continues the run in {args.out!r} with its saved settings; these flags differ: "
+                    f"{'; '.join(differences)}"
+                )
             moved_to = _resume_device(args, saved)
             try:
-                device = resolve_device(moved_to or saved.get("device", "auto"))
+                device = resolve_device(moved_to or saved["device"])
             except UsageError as err:
-                raise UsageError(f"{err}: add --set device=auto to the --resume command to continue the run here") from None
+                raise UsageError(
+                    f"{err}: add --set device=auto to the --resume command to continue the run here"
+                ) from None
             joined = distributed.setup(device)
             if prints:
                 print(f"resuming {args.out} with its saved settings on {describe_device(device)}", flush=True)
-            metrics = run_fit(dict(DEFAULTS), args.out, resume=True, progress=not args.no_progress, data_dir=args.data_dir, device=moved_to)
+            metrics = run_fit(
+                dict(DEFAULTS),
+                args.out,
+                resume=True,
+                progress=not args.no_progress,
+                data_dir=args.data_dir,
+                device=moved_to,
+            )
         else:
             config = build_config(args)
             source = base_config_file(args)
             device = resolve_device(config["device"])
             joined = distributed.setup(device)  # under torchrun: every rank takes rank 0's default --out
-            args.out = distributed.broadcast_object(args.out or f"runs/{config['dataset']}-{config['method']}-{time.strftime('%Y%m%d-%H%M%S')}")
+            args.out = distributed.broadcast_object(
+                args.out or f"runs/{config['dataset']}-{config['method']}-{time.strftime('%Y%m%d-%H%M%S')}"
+            )
             if prints:
-                print(f"settings: {_describe(source, args)}; {config['dataset']} / {config['model']} / {config['method']} on {describe_device(device)} -> {args.out}", flush=True)
+                print(
+                    f"settings: {_describe(source, args)}; {config['dataset']} / {config['model']} / "
+                    f"{config['method']} on {describe_device(device)} -> {args.out}",
+                    flush=True,
+                )
             metrics = run_fit(config, args.out, progress=not args.no_progress)
     except UsageError as err:
         if prints:

@@ -54,9 +54,7 @@ def _check_labels(probs: Tensor, labels: Tensor) -> None:
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise UsageError(f"labels must be an integer tensor (int64 class indices), got dtype {labels.dtype}")
     if labels.shape[0] != probs.shape[0]:
-        raise UsageError(
-            f"labels has N={labels.shape[0]} but probs has N={probs.shape[0]}; they must match"
-        )
+        raise UsageError(f"labels has N={labels.shape[0]} but probs has N={probs.shape[0]}; they must match")
     n_classes = probs.shape[1]
     if labels.min() < 0 or labels.max() >= n_classes:
         raise UsageError(
@@ -164,16 +162,20 @@ def _binary_curve(scores_in: Tensor, scores_out: Tensor) -> tuple[Tensor, Tensor
     _check_scores(scores_in, "scores_in")
     _check_scores(scores_out, "scores_out")
     scores = torch.cat([scores_in.double(), scores_out.double().to(scores_in.device)])
-    is_out = torch.cat([
-        torch.zeros(scores_in.numel(), dtype=torch.float64, device=scores.device),
-        torch.ones(scores_out.numel(), dtype=torch.float64, device=scores.device),
-    ])
+    is_out = torch.cat(
+        [
+            torch.zeros(scores_in.numel(), dtype=torch.float64, device=scores.device),
+            torch.ones(scores_out.numel(), dtype=torch.float64, device=scores.device),
+        ]
+    )
     scores, order = torch.sort(scores, descending=True, stable=True)
     is_out = is_out[order]
-    last_of_tie = torch.cat([
-        torch.nonzero(scores[1:] != scores[:-1]).squeeze(1),
-        torch.tensor([scores.numel() - 1], device=scores.device),
-    ])
+    last_of_tie = torch.cat(
+        [
+            torch.nonzero(scores[1:] != scores[:-1]).squeeze(1),
+            torch.tensor([scores.numel() - 1], device=scores.device),
+        ]
+    )
     tps = is_out.cumsum(0)[last_of_tie]
     fps = (last_of_tie + 1).double() - tps
     return tps, fps
@@ -279,8 +281,7 @@ def reliability_diagram(probs: Tensor, labels: Tensor, n_bins: int = 15, ax: Axe
 
         ax = Figure().subplots()
     width = 1.0 / n_bins
-    ax.bar(left_edges[nonempty], bin_accuracy[nonempty], width=width, align="edge",
-           edgecolor="black", label="accuracy")
+    ax.bar(left_edges[nonempty], bin_accuracy[nonempty], width=width, align="edge", edgecolor="black", label="accuracy")
     ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", label="perfect calibration")
     ax.set_xlim(0.0, 1.0)
     ax.set_ylim(0.0, 1.0)

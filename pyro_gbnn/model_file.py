@@ -95,8 +95,10 @@ class ExportedModel:
         draws = self.draws
         if draws is not None:
             if num_samples > draws.num_samples:
-                raise UsageError(f"this model file holds BatchNorm statistics for {draws.num_samples} posterior draws; "
-                                 f"ask for at most {draws.num_samples} samples, not {num_samples}")
+                raise UsageError(
+                    f"this model file holds BatchNorm statistics for {draws.num_samples} posterior draws; "
+                    f"ask for at most {draws.num_samples} samples, not {num_samples}"
+                )
             draws = FixedDraws({k: v[:num_samples] for k, v in draws.weights.items()}, draws.statistics[:num_samples])
         return predictive_summary(self.network, self.guide, x.to(self.device), num_samples, draws=draws)
 
@@ -133,7 +135,12 @@ class _Writer:
         self.put(key + "/scale", q.scale.reshape(-1))
         if not signed:
             self.put(key + "/zero_point", q.zero_point.reshape(-1))
-        self.quantized[key] = {"bits": q.bits, "per_channel": q.per_channel, "shape": list(q.shape), "channel_dim": q.channel_dim}
+        self.quantized[key] = {
+            "bits": q.bits,
+            "per_channel": q.per_channel,
+            "shape": list(q.shape),
+            "channel_dim": q.channel_dim,
+        }
 
     def put_values(self, key: str, x: torch.Tensor, signed: bool) -> None:
         """fp32, or (int8) 8-bit codes with one scale for the tensor: symmetric if ``signed``."""
@@ -169,7 +176,15 @@ class _Reader:
             codes = codes - (2 ** (bits - 1) - 1) if zero_point is None else codes
         scale = self.get(key + "/scale")
         scale, zero_point = (t if spec["per_channel"] or t is None else t.reshape(()) for t in (scale, zero_point))
-        q = QuantizedTensor(torch.from_numpy(np.asarray(codes)).reshape(shape), scale, zero_point, bits, spec["per_channel"], shape, spec["channel_dim"])
+        q = QuantizedTensor(
+            torch.from_numpy(np.asarray(codes)).reshape(shape),
+            scale,
+            zero_point,
+            bits,
+            spec["per_channel"],
+            shape,
+            spec["channel_dim"],
+        )
         return q.dequantize()
 
     def mask(self, key: str, shape: torch.Size) -> torch.Tensor:
@@ -275,8 +290,13 @@ def _shared_mixture_guide(r: _Reader, bnn: nn.Module, header: dict) -> SharedMix
     values = {name: r.values(f"component/{name}") for name in header["component_values"]}
     # Values the semantics does not read get neutral stand-ins (unit covariance factors):
     # the plan below needs valid Gaussians, prediction never sees them.
-    stand_in = {"centre_mu": torch.zeros(k), "centre_rho": inverse_softplus(torch.full((k,), 1e-3)),
-                "chol_log_00": torch.zeros(k), "chol_10": torch.zeros(k), "chol_log_11": torch.zeros(k)}
+    stand_in = {
+        "centre_mu": torch.zeros(k),
+        "centre_rho": inverse_softplus(torch.full((k,), 1e-3)),
+        "chol_log_00": torch.zeros(k),
+        "chol_10": torch.zeros(k),
+        "chol_log_11": torch.zeros(k),
+    }
     full = {name: values.get(name, stand_in[name]).float() for name in COMPONENT_VALUES}
     chol = torch.zeros(k, 2, 2)
     chol[:, 0, 0], chol[:, 1, 0], chol[:, 1, 1] = full["chol_log_00"].exp(), full["chol_10"], full["chol_log_11"].exp()
@@ -317,7 +337,10 @@ def _kind(guide: nn.Module | None) -> str:
         return "spike_slab"
     if isinstance(guide, (MeanFieldGuide, QuantizedMeanFieldGuide, SparseSubspaceGuide, FixedNormalGuide)):
         return "normal"
-    raise UsageError(f"{type(guide).__name__} cannot be exported; export the run's final stage or a mean-field, 2DGBNN, INT8, pruned spike-and-slab or SSVI model")
+    raise UsageError(
+        f"{type(guide).__name__} cannot be exported; export the run's final stage or a mean-field, 2DGBNN, INT8, "
+        "pruned spike-and-slab or SSVI model"
+    )
 
 
 def export_model(
@@ -425,7 +448,10 @@ def _stored_draws(tensors: dict[str, torch.Tensor], network: nn.Module, guide: n
         raise ValueError(f"BatchNorm statistics of {missing[0]} are missing")
     device = next(iter(running.values())).device
     statistics = [
-        {key: tensors[f"batchnorm/{key}"][s].to(device) if f"batchnorm/{key}" in tensors else value for key, value in running.items()}
+        {
+            key: tensors[f"batchnorm/{key}"][s].to(device) if f"batchnorm/{key}" in tensors else value
+            for key, value in running.items()
+        }
         for s in range(header["batchnorm"]["num_draws"])
     ]
     return FixedDraws(_file_draws(network, guide, header), statistics)
@@ -466,16 +492,22 @@ def load_model(path: str | Path, device: str | torch.device | None = "auto") -> 
         draws = _stored_draws(tensors, network, guide, header) if "batchnorm" in header else None
     except (ValueError, RuntimeError, KeyError, TypeError) as err:
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise UsageError(f"{str(path)!r} is damaged or from another pyro_gbnn version ({reason}); export it again") from None
+        raise UsageError(
+            f"{str(path)!r} is damaged or from another pyro_gbnn version ({reason}); export it again"
+        ) from None
     return ExportedModel(network, guide, header, draws)
 
 
-def _model_from(tensors: dict[str, torch.Tensor], header: dict, device: torch.device) -> tuple[nn.Module, nn.Module | None]:
+def _model_from(
+    tensors: dict[str, torch.Tensor], header: dict, device: torch.device
+) -> tuple[nn.Module, nn.Module | None]:
     """The network (eval mode) and guide that a file's tensors and header describe, on ``device``."""
     from pyro_gbnn.models import build_model
-    from pyro_gbnn.pipeline import build_bnn
+    from pyro_gbnn.stages import build_bnn
 
-    net = build_model(header["model"], header["num_classes"], header["in_channels"], header["image_size"], **header["model_args"])
+    net = build_model(
+        header["model"], header["num_classes"], header["in_channels"], header["image_size"], **header["model_args"]
+    )
     net.to(device)  # before the BNN is built: its priors and initial values follow the weights
     r = _Reader(tensors, header)
     net_state = {key[4:]: t for key, t in tensors.items() if key.startswith("net/")}

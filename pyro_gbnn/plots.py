@@ -21,7 +21,14 @@ from torch import Tensor
 
 from pyro_gbnn.sharing.plan import SharingPlan
 
-__all__ = ["sharing_plane", "merging_side_by_side", "class_confidence", "training_curves", "entropy_histograms", "save_figure"]
+__all__ = [
+    "sharing_plane",
+    "merging_side_by_side",
+    "class_confidence",
+    "training_curves",
+    "entropy_histograms",
+    "save_figure",
+]
 
 
 def _axes(ax: Axes | None, size: tuple[float, float] = (6.0, 4.5)) -> Axes:
@@ -69,7 +76,9 @@ def sharing_plane(
             would cover the cloud); every centre is drawn.
     """
     if loc.numel() != plan.num_weights or scale.numel() != plan.num_weights:
-        raise ValueError(f"loc and scale must hold the plan's {plan.num_weights} weights, got {loc.numel()} and {scale.numel()}")
+        raise ValueError(
+            f"loc and scale must hold the plan's {plan.num_weights} weights, got {loc.numel()} and {scale.numel()}"
+        )
     ax = _axes(ax)
     generator = torch.Generator().manual_seed(seed)
     loc, scale = loc.detach().reshape(-1).cpu(), scale.detach().reshape(-1).cpu()
@@ -86,7 +95,9 @@ def sharing_plane(
     shown = torch.randperm(len(means), generator=generator)[:max_ellipses].numpy()
     ax.scatter(means[:, 0], means[:, 1], s=3, c="tab:blue", label=f"centres ({plan.num_components})", linewidths=0)
     _ellipses(means[shown], covs[shown], 1.0, ax, facecolors="none", edgecolors="navy", linewidths=0.6)
-    _ellipses(means[shown], covs[shown], 2.0, ax, facecolors="none", edgecolors="navy", linewidths=0.4, linestyles="dotted")
+    _ellipses(
+        means[shown], covs[shown], 2.0, ax, facecolors="none", edgecolors="navy", linewidths=0.4, linestyles="dotted"
+    )
     ax.set_xlabel("mean of a weight, mu")
     ax.set_ylabel("std of a weight, sigma")
     ax.set_title(f"stage 2: weights and shared 2D Gaussians ({min(max_ellipses, len(means))} with 1 and 2 sigma)")
@@ -98,7 +109,9 @@ def merging_side_by_side(loc: Tensor, scale: Tensor, plan: SharingPlan, max_elli
     """Two panels: the mixture after dissolving and before merging (with the weights it
     clustered), and the plan after merging (:func:`sharing_plane`). Returns the right Axes."""
     if plan.merged_from is None:
-        raise ValueError("the plan keeps no mixture from before merging (built with merge=false or by an older version)")
+        raise ValueError(
+            "the plan keeps no mixture from before merging (built with merge=false or by an older version)"
+        )
     figure = Figure(figsize=(12.0, 4.5))
     left, right = figure.subplots(1, 2, sharex=True, sharey=True)
     inliers = torch.cat([plan.inlier_index, plan.ellipse_index]).long()
@@ -122,7 +135,9 @@ def _count(plan: SharingPlan, label: str) -> int:
     return int(index.numel())
 
 
-def class_confidence(probs: Tensor, labels: Tensor, class_names: list[str] | None = None, ax: Axes | None = None) -> Axes:
+def class_confidence(
+    probs: Tensor, labels: Tensor, class_names: list[str] | None = None, ax: Axes | None = None
+) -> Axes:
     """Box plots of the predictive confidence (top-1 probability) per true class, with the
     mean above each box (paper figure 2, right). probs [N, C], labels [N]."""
     if probs.dim() != 2 or labels.shape != probs.shape[:1]:
@@ -175,7 +190,10 @@ def training_curves(records: list[dict], ax: Axes | None = None) -> Axes:
 
 
 def entropy_histograms(
-    probs_in: Tensor, probs_out: Tensor, names: tuple[str, str] = ("in-distribution", "out-of-distribution"), ax: Axes | None = None
+    probs_in: Tensor,
+    probs_out: Tensor,
+    names: tuple[str, str] = ("in-distribution", "out-of-distribution"),
+    ax: Axes | None = None,
 ) -> Axes:
     """Histograms of the predictive entropy (nats) of two sets of predictions [N, C]: a BNN
     that knows what it does not know puts the out-of-distribution set to the right."""

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -100,9 +101,7 @@ def quantize_symmetric(
     return QuantizedTensor(codes, scale, None, bits, per_channel, x.shape, channel_dim)
 
 
-def quantize_affine(
-    x: torch.Tensor, bits: int = 8, per_channel: bool = True, channel_dim: int = 0
-) -> QuantizedTensor:
+def quantize_affine(x: torch.Tensor, bits: int = 8, per_channel: bool = True, channel_dim: int = 0) -> QuantizedTensor:
     """Unsigned min/max quantization, for standard deviations: 2^bits levels from min to max.
 
     value = zero_point + code * scale with zero_point = min (an fp32 offset, not an

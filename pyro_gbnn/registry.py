@@ -39,11 +39,15 @@ def resolve_class(name: str, builtins: dict[str, type], kind: str) -> type:
         return builtins[name]
     module_name, _, attr = str(name).rpartition(".")
     if not module_name:
-        raise UsageError(f"unknown {kind} {name!r}; use one of {', '.join(builtins)} or a dotted path package.module.Class")
+        raise UsageError(
+            f"unknown {kind} {name!r}; use one of {', '.join(builtins)} or a dotted path package.module.Class"
+        )
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise UsageError(f"cannot import {kind} class {name!r} ({err}); check the dotted path and that its package is installed") from None
+        raise UsageError(
+            f"cannot import {kind} class {name!r} ({err}); check the dotted path and that its package is installed"
+        ) from None
 
 
 def _class_and_args(spec: Any, builtins: dict[str, type], kind: str) -> tuple[type, dict]:
@@ -59,7 +63,10 @@ def build_prior(spec: dict[str, Any]) -> Prior:
     """A :class:`Prior` from ``{"class": ..., "args": {...}}``."""
     cls, args = _class_and_args(spec, PRIORS, "prior")
     if not (inspect.isclass(cls) and issubclass(cls, Prior)):
-        raise UsageError(f"prior class {spec['class']!r} must subclass pyro_gbnn.priors.Prior and implement prior_dist(name, module, param)")
+        raise UsageError(
+            f"prior class {spec['class']!r} must subclass pyro_gbnn.priors.Prior and implement prior_dist(name, "
+            "module, param)"
+        )
     if cls.prior_dist is Prior.prior_dist:
         raise UsageError(f"prior class {spec['class']!r} does not implement prior_dist(name, module, param)")
     return construct(cls, "prior", spec["class"], args)
@@ -70,7 +77,9 @@ def build_guide(spec: dict[str, Any], bnn) -> SiteGuide:
     cls, args = _class_and_args(spec, GUIDES, "guide")
     name = spec["class"]
     if not (inspect.isclass(cls) and issubclass(cls, SiteGuide)):
-        raise UsageError(f"guide class {name!r} must subclass pyro_gbnn.guides.SiteGuide and implement distribution(name)")
+        raise UsageError(
+            f"guide class {name!r} must subclass pyro_gbnn.guides.SiteGuide and implement distribution(name)"
+        )
     if cls.distribution is SiteGuide.distribution:
         raise UsageError(f"guide class {name!r} does not implement distribution(name), the q of one weight site")
     return construct(cls, "guide", name, args, bnn)
@@ -89,4 +98,6 @@ def construct(cls: type, kind: str, name: str, args: dict, *positional: Any) -> 
     except UsageError:
         raise
     except Exception as err:
-        raise UsageError(f"{kind} {name!r} failed in its __init__ with args {args}: {type(err).__name__}: {err}") from err
+        raise UsageError(
+            f"{kind} {name!r} failed in its __init__ with args {args}: {type(err).__name__}: {err}"
+        ) from err

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
@@ -42,7 +42,7 @@ __all__ = [
 
 ESTIMATORS = ("weight", "local", "flipout")
 
-_ACTIVE_RECORD: contextvars.ContextVar["record_weight_distributions | None"] = contextvars.ContextVar(
+_ACTIVE_RECORD: contextvars.ContextVar[record_weight_distributions | None] = contextvars.ContextVar(
     "pyro_gbnn_weight_record", default=None
 )
 

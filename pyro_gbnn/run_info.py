@@ -5,7 +5,6 @@ versions of torch, Pyro and this package (and its commit, in a source checkout).
 from __future__ import annotations
 
 import subprocess
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 
 from pyro_gbnn import distributed
 from pyro_gbnn.devices import describe_device
+from pyro_gbnn.version import __version__
 
 __all__ = ["run_environment", "source_commit"]
 
@@ -25,8 +25,12 @@ def source_commit() -> str | None:
         return None
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode != 0:
@@ -34,18 +38,9 @@ def source_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def run_environment(device: torch.device, precision: str) -> dict[str, Any]:
     """The run's device (and its name), world size, precision and software versions."""
     import pyro
-
-    from pyro_gbnn import __version__
 
     return {
         "device": str(device),
@@ -55,6 +50,6 @@ def run_environment(device: torch.device, precision: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "pyro": pyro.__version__,
-        "pyro_gbnn": _version("pyro_gbnn") or __version__,
+        "pyro_gbnn": __version__,
         "commit": source_commit(),
     }

@@ -12,8 +12,8 @@ Every set goes through the model's evaluation transform.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,8 +25,15 @@ from pyro_gbnn.data import ImageTensorDataset
 from pyro_gbnn.errors import UsageError
 
 __all__ = [
-    "CIFAR10C_FILES", "CORRUPTIONS", "cifar10c_folder", "cifar10c_test_set", "corrupt", "corrupted_test_set",
-    "digits_as_cifar_test_set", "mnist_as_cifar", "svhn_test_set",
+    "CIFAR10C_FILES",
+    "CORRUPTIONS",
+    "cifar10c_folder",
+    "cifar10c_test_set",
+    "corrupt",
+    "corrupted_test_set",
+    "digits_as_cifar_test_set",
+    "mnist_as_cifar",
+    "svhn_test_set",
 ]
 
 # Severity 1..5 parameters of CIFAR-10-C (the authors' released code, CIFAR variants).
@@ -62,7 +69,9 @@ def _jpeg(image: Tensor, quality: int) -> Tensor:
     """One uint8 [C, H, W] image through a JPEG round trip at ``quality`` (PIL, as CIFAR-10-C made it)."""
     channels_last = image.permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
-    Image.fromarray(channels_last[..., 0] if image.shape[0] == 1 else channels_last).save(buffer, "JPEG", quality=quality)
+    Image.fromarray(channels_last[..., 0] if image.shape[0] == 1 else channels_last).save(
+        buffer, "JPEG", quality=quality
+    )
     decoded = torch.from_numpy(np.array(Image.open(buffer)))
     return decoded.reshape(*decoded.shape[:2], -1).permute(2, 0, 1).contiguous()
 
@@ -82,7 +91,9 @@ def mnist_as_cifar(images: Tensor) -> Tensor:
     return torch.nn.functional.pad(images, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
 
 
-def digits_as_cifar_test_set(mnist_test: ImageTensorDataset, transform, count: int | None = None, seed: int = 0) -> ImageTensorDataset:
+def digits_as_cifar_test_set(
+    mnist_test: ImageTensorDataset, transform, count: int | None = None, seed: int = 0
+) -> ImageTensorDataset:
     """``count`` MNIST test digits (a seeded random choice; all of them for None) as an
     out-of-distribution set for a CIFAR model: :func:`mnist_as_cifar` through the CIFAR
     evaluation ``transform``, every label 0."""
@@ -92,7 +103,12 @@ def digits_as_cifar_test_set(mnist_test: ImageTensorDataset, transform, count: i
 
 
 # Our corruption names -> the CIFAR-10-C file that holds them.
-CIFAR10C_FILES = {"gaussian_noise": "gaussian_noise", "gaussian_blur": "gaussian_blur", "contrast": "contrast", "jpeg": "jpeg_compression"}
+CIFAR10C_FILES = {
+    "gaussian_noise": "gaussian_noise",
+    "gaussian_blur": "gaussian_blur",
+    "contrast": "contrast",
+    "jpeg": "jpeg_compression",
+}
 _SEVERITIES = 5
 
 
@@ -102,8 +118,14 @@ def cifar10c_folder(data_dir: str | Path) -> Path | None:
     return folder if (folder / "labels.npy").is_file() else None
 
 
-def cifar10c_test_set(folder: str | Path, name: str, severity: int, transform: Callable[[Tensor], Tensor],
-                      count: int | None = None, seed: int = 0) -> ImageTensorDataset:
+def cifar10c_test_set(
+    folder: str | Path,
+    name: str,
+    severity: int,
+    transform: Callable[[Tensor], Tensor],
+    count: int | None = None,
+    seed: int = 0,
+) -> ImageTensorDataset:
     """Corruption ``name`` at ``severity`` from the real CIFAR-10-C in ``folder``: ``count``
     of its images (a seeded random choice; all for None) with CIFAR-10-C's own labels (its
     images follow the original CIFAR-10 test order, which a copy of the test set in another
@@ -114,21 +136,36 @@ def cifar10c_test_set(folder: str | Path, name: str, severity: int, transform: C
         raise UsageError(f"severity must be 1..5, got {severity!r}")
     path = Path(folder) / f"{CIFAR10C_FILES[name]}.npy"
     if not path.is_file():
-        raise UsageError(f"{str(path)!r} does not exist; put CIFAR-10-C's {path.name} there, or remove the folder to use made corruptions")
+        raise UsageError(
+            f"{str(path)!r} does not exist; put CIFAR-10-C's {path.name} there, or remove the folder to use made "
+            "corruptions"
+        )
     images, labels = np.load(path, mmap_mode="r"), np.load(Path(folder) / "labels.npy")
     per_severity = len(images) // _SEVERITIES
-    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8 or len(labels) != len(images) \
-            or len(images) != _SEVERITIES * per_severity:
-        raise UsageError(f"{str(path)!r} is not a CIFAR-10-C array (uint8 [5 x N, 32, 32, 3] with as many labels), "
-                         f"got {images.dtype} {list(images.shape)} and {len(labels)} labels")
+    if (
+        images.ndim != 4
+        or images.shape[1:] != (32, 32, 3)
+        or images.dtype != np.uint8
+        or len(labels) != len(images)
+        or len(images) != _SEVERITIES * per_severity
+    ):
+        raise UsageError(
+            f"{str(path)!r} is not a CIFAR-10-C array (uint8 [5 x N, 32, 32, 3] with as many labels), "
+            f"got {images.dtype} {list(images.shape)} and {len(labels)} labels"
+        )
     picked = torch.randperm(per_severity, generator=torch.Generator().manual_seed(seed))[:count].sort().values.numpy()
     rows = (severity - 1) * per_severity + picked
     block = torch.from_numpy(np.ascontiguousarray(images[rows])).permute(0, 3, 1, 2).contiguous()
     return ImageTensorDataset(block, torch.from_numpy(labels[rows].astype(np.int64)), transform)
 
 
-def svhn_test_set(data_dir: str | Path, transform: Callable[[Tensor], Tensor], count: int | None = None, seed: int = 0,
-                  download: bool = False) -> ImageTensorDataset | None:
+def svhn_test_set(
+    data_dir: str | Path,
+    transform: Callable[[Tensor], Tensor],
+    count: int | None = None,
+    seed: int = 0,
+    download: bool = False,
+) -> ImageTensorDataset | None:
     """``count`` SVHN test images (a seeded random choice; all for None) as an
     out-of-distribution set for a CIFAR model, read from ``<data_dir>/SVHN/test_32x32.mat``
     (torchvision's file); None when it is not there and ``download`` is off. ``download``
@@ -150,7 +187,9 @@ def svhn_test_set(data_dir: str | Path, transform: Callable[[Tensor], Tensor], c
     except (MatReadError, ValueError, KeyError, OSError) as err:
         raise UsageError(f"{str(path)!r} is not SVHN's test_32x32.mat ({err}); delete it and pass --download") from None
     if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or images.shape[3] != len(labels):
-        raise UsageError(f"{str(path)!r} is not SVHN's test_32x32.mat (X must be [32, 32, 3, N]), got {list(images.shape)}")
+        raise UsageError(
+            f"{str(path)!r} is not SVHN's test_32x32.mat (X must be [32, 32, 3, N]), got {list(images.shape)}"
+        )
     picked = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:count].numpy()
     block = torch.from_numpy(np.ascontiguousarray(images[..., picked].transpose(3, 2, 0, 1))).to(torch.uint8)
     return ImageTensorDataset(block, torch.from_numpy(labels[picked]), transform)

@@ -39,15 +39,24 @@ class SparseNormal(dist.Normal):
     values (``draw_values``) for :func:`sparse_linear`, and is built from them directly.
     """
 
-    def __init__(self, index: torch.Tensor, loc_values: torch.Tensor, scale_values: torch.Tensor,
-                 shape: torch.Size, sparse_kernel: bool = False) -> None:
+    def __init__(
+        self,
+        index: torch.Tensor,
+        loc_values: torch.Tensor,
+        scale_values: torch.Tensor,
+        shape: torch.Size,
+        sparse_kernel: bool = False,
+    ) -> None:
         self.index, self.loc_values, self.scale_values = index, loc_values, scale_values
         self.weight_shape, self.sparse_kernel = torch.Size(shape), sparse_kernel
         self.draw_values: torch.Tensor | None = None
         self._csr_structure: tuple[torch.Tensor, torch.Tensor] | None = None
         numel = self.weight_shape.numel()
-        super().__init__(scatter_flat(loc_values, index, numel).view(shape),
-                         scatter_flat(scale_values, index, numel).view(shape), validate_args=False)
+        super().__init__(
+            scatter_flat(loc_values, index, numel).view(shape),
+            scatter_flat(scale_values, index, numel).view(shape),
+            validate_args=False,
+        )
 
     def expand(self, batch_shape, _instance=None):
         raise NotImplementedError("SparseNormal keeps the shape of its weight; draw batches with sample((n,))")
@@ -84,6 +93,7 @@ def sparse_linear(x: torch.Tensor, q: SparseNormal, bias: torch.Tensor | None, e
     the dense layer's estimator (:func:`~pyro_gbnn.reparameterization.apply_estimator`) with the
     CSR product in place of ``F.linear`` and the active entries' Normal and draw (``q.draw_values``)
     in place of the dense ones; ``bias`` is the layer's drawn bias."""
+
     def product(inputs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return (q.csr(values) @ inputs.T).T
 

@@ -128,5 +128,5 @@ def open_tracker(kind: str, run_dir: str | Path, config: dict[str, Any]) -> Trac
     try:
         __import__(package)
     except ImportError:
-        raise UsageError(f"--tracker {kind} needs the {package} package: pip install -e \".[tracking]\"") from None
+        raise UsageError(f'--tracker {kind} needs the {package} package: pip install -e ".[tracking]"') from None
     return TensorBoardTracker(run_dir) if kind == "tensorboard" else MLflowTracker(run_dir, config)

@@ -12,8 +12,9 @@ import bisect
 import json
 import math
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -226,7 +227,10 @@ def train_epochs(
             log.write(record)
         shown = {k: round(v, 4) for k, v in record.get("eval", {}).items() if isinstance(v, float)}
         if main:
-            tqdm.write(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} train acc {record['train_accuracy']:.4f} eval {shown}")
+            tqdm.write(
+                f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} train acc "
+                f"{record['train_accuracy']:.4f} eval {shown}"
+            )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     return record
@@ -281,5 +285,7 @@ def _summed_over_ranks(total_loss: float, correct: int, seen: int, extras: dict[
     if not distributed.is_distributed():
         return total_loss, correct, seen, extras
     keys = sorted(extras)
-    totals = distributed.all_sum(torch.tensor([total_loss, correct, seen, *(extras[k] for k in keys)], dtype=torch.float64))
+    totals = distributed.all_sum(
+        torch.tensor([total_loss, correct, seen, *(extras[k] for k in keys)], dtype=torch.float64)
+    )
     return float(totals[0]), int(totals[1]), int(totals[2]), dict(zip(keys, totals[3:].tolist()))

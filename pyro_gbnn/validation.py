@@ -9,7 +9,8 @@ the value given (the command line prints it and exits with 2).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pyro_gbnn.devices import resolve_device
 from pyro_gbnn.errors import UsageError
@@ -29,10 +30,13 @@ def _integer(low: int | None = None, high: int | None = None, none: bool = False
             return None
         span = f" in {low}..{high}" if high is not None else (f" >= {low}" if low is not None else "")
         return f"an integer{span}" + (" or null" if none else "")
+
     return check
 
 
-def _number(low: float, high: float | None = None, open_low: bool = False, open_high: bool = False, none: bool = False) -> Check:
+def _number(
+    low: float, high: float | None = None, open_low: bool = False, open_high: bool = False, none: bool = False
+) -> Check:
     def check(value: Any) -> str | None:
         if value is None and none:
             return None
@@ -46,6 +50,7 @@ def _number(low: float, high: float | None = None, open_low: bool = False, open_
         else:
             span = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
         return f"a number {span}" + (" or null" if none else "")
+
     return check
 
 
@@ -65,6 +70,7 @@ def _integers(low: int, high: int | None = None, nonempty: bool = False) -> Chec
             return None
         span = f"in {low}..{high}" if high is not None else f">= {low}"
         return f"a {'non-empty ' if nonempty else ''}list of integers {span}"
+
     return check
 
 
@@ -183,7 +189,9 @@ def _lookup(config: dict, path: str) -> tuple[bool, Any]:
     for depth, part in enumerate(parts):
         if not isinstance(node, dict):
             section = ".".join(parts[:depth])
-            raise UsageError(f"config key {section!r} must be a mapping of settings (e.g. {section}: {{epochs: 2}}), got {node!r}")
+            raise UsageError(
+                f"config key {section!r} must be a mapping of settings (e.g. {section}: {{epochs: 2}}), got {node!r}"
+            )
         if part not in node:
             return False, None
         node = node[part]
@@ -204,5 +212,4 @@ def validate_config(config: dict) -> None:
     resolve_device(config["device"])
     from pyro_gbnn.methods import resolve_method
 
-    resolve_method(config["method"], config.get("method_args")).check_config(config)  # runs saved before method_args had none
-
+    resolve_method(config["method"], config["method_args"]).check_config(config)

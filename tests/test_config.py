@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pyro_gbnn.config import DEFAULTS, apply_overrides, load_config, with_new_defaults
+from pyro_gbnn.config import DEFAULTS, apply_overrides, load_config
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.models import MODELS
 from pyro_gbnn.data import DATASETS
@@ -67,14 +67,3 @@ def test_cifar_budget_config_is_the_fixture_schedule_with_the_shipped_2dgbnn_set
         assert written["bnn"]["prior"] == made_it["bnn"]["prior"]
 
 
-def test_a_stored_config_gets_the_keys_added_since_at_their_defaults_and_keeps_its_own():
-    stored = apply_overrides(load_config(None), ["ssvi.density=0.05", "method_args={temperature: 0.5}"])
-    del stored["ssvi"]["sparse_kernel_max_density"]
-    del stored["tracker"]
-    del stored["bnn"]["prior"]["args"]["scale"]
-    completed = with_new_defaults(stored)
-    assert completed["ssvi"]["sparse_kernel_max_density"] == DEFAULTS["ssvi"]["sparse_kernel_max_density"]
-    assert completed["tracker"] == DEFAULTS["tracker"]
-    assert completed["ssvi"]["density"] == 0.05 and completed["method_args"] == {"temperature": 0.5}
-    assert "scale" not in completed["bnn"]["prior"]["args"], "a class's own arguments are the run's, not the defaults'"
-    assert "sparse_kernel_max_density" not in stored["ssvi"], "the stored config is left as it was"

@@ -312,15 +312,15 @@ def test_torchrun_runs_the_command_line(fake_mnist, tmp_path):
 
 def _fit_recording_outputs(config: dict, out: Path, record: Path) -> None:
     """``run_fit``, each rank saving every finished stage's outputs (its trained state)."""
-    from pyro_gbnn import pipeline
+    from pyro_gbnn import pipeline, stages
 
-    original = pipeline.FitRun.finish_stage
+    original = stages.FitRun.finish_stage
 
     def finish_stage(self, stage, *args, **kwargs):
         original(self, stage, *args, **kwargs)
         torch.save(self.outputs[stage], record / f"{stage}-rank{distributed.rank()}.pt")
 
-    pipeline.FitRun.finish_stage = finish_stage
+    stages.FitRun.finish_stage = finish_stage
     pipeline.run_fit(config, out)
 
 

@@ -10,7 +10,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_gbnn import pipeline
+from pyro_gbnn import pipeline, stages
 from pyro_gbnn.checkpoint import load_checkpoint
 from pyro_gbnn.config import DEFAULTS, apply_overrides
 from pyro_gbnn.fit import main
@@ -57,7 +57,7 @@ class Killed(BaseException):
 
 def kill_then_resume(config, out, monkeypatch, kill_after_saves):
     """Run until the k-th checkpoint is written, die there, then resume in the same folder."""
-    original_save = pipeline.FitRun.save
+    original_save = stages.FitRun.save
     calls = {"n": 0}
 
     def save_then_die(self, *args, **kwargs):
@@ -66,10 +66,10 @@ def kill_then_resume(config, out, monkeypatch, kill_after_saves):
         if calls["n"] == kill_after_saves:
             raise Killed()
 
-    monkeypatch.setattr(pipeline.FitRun, "save", save_then_die)
+    monkeypatch.setattr(stages.FitRun, "save", save_then_die)
     with pytest.raises(Killed):
         pipeline.run_fit(config, out)
-    monkeypatch.setattr(pipeline.FitRun, "save", original_save)
+    monkeypatch.setattr(stages.FitRun, "save", original_save)
     return pipeline.run_fit(config, out, resume=True)
 
 
@@ -195,7 +195,7 @@ def test_bad_yaml_config_is_reported(tmp_path, capsys):
     assert code == 2 and "not valid YAML" in err[0]
 
 
-def test_existing_run_is_never_overwritten_and_corrupt_checkpoint_is_reported(fake_mnist, tmp_path, capsys):
+def test_existing_run_is_never_overwritten_and_corrupt_or_other_format_checkpoints_are_reported(fake_mnist, tmp_path, capsys):
     out = tmp_path / "r"
     base = ["--dataset", "mnist", "--data-dir", str(fake_mnist), "--out", str(out), "--no-progress", "--set", "model=mlp"]
     assert main(base + ["--method", "deterministic", "--epochs", "1"]) == 0
@@ -210,6 +210,13 @@ def test_existing_run_is_never_overwritten_and_corrupt_checkpoint_is_reported(fa
     # the original command with --resume added agrees with the saved run: it resumes (nothing left to do)
     assert main(base + ["--method", "deterministic", "--epochs", "1", "--resume"]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "metrics.json"} == {k: v for k, v in before.items() if k != "metrics.json"}
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save(saved | {"format": "pyro_gbnn.checkpoint/1", "written_by": "0.1.3"}, out / "checkpoint.pt")
+    code, err = run_cli(["--out", str(out), "--resume"], capsys)
+    assert code == 2 and len(err) == 1 and "was written by pyro_gbnn 0.1.3 (format pyro_gbnn.checkpoint/1)" in err[0]
+    torch.save({"weights": torch.zeros(2)}, out / "checkpoint.pt")
+    code, err = run_cli(["--out", str(out), "--resume"], capsys)
+    assert code == 2 and len(err) == 1 and "is not a pyro_gbnn checkpoint (expected format pyro_gbnn.checkpoint/2)" in err[0]
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     code, err = run_cli(["--out", str(out), "--resume"], capsys)
     assert code == 2 and len(err) == 1 and "corrupt" in err[0]

@@ -314,26 +314,6 @@ def test_state_dict_round_trip_resumes_with_identical_updates(addition):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_a_state_dict_of_the_earlier_dense_layout_loads_as_the_same_distribution():
-    bnn, guide = tiny(density=0.4, update_every=1, replacement_rate=0.5, total_steps=9, addition="random")
-    for _ in range(3):
-        guide.after_step(None)
-    old = {"step_count": guide.step_count.clone(), "initial_rho": guide.initial_rho.clone()}
-    for name in guide.site_shapes:
-        key = site_key(name)
-        loc, scale = dense(guide, name)
-        old[f"masks.{key}"] = guide.active_mask(name)
-        old[f"loc.{key}"] = loc
-        old[f"rho.{key}"] = torch.where(scale > 0, inverse_softplus(scale.clamp_min(1e-30)), torch.zeros_like(scale))
-    _, loaded = tiny(density=0.4, seed=99)
-    loaded.load_state_dict(old)
-    for name in guide.site_shapes:
-        assert torch.equal(loaded.active_mask(name), guide.active_mask(name))
-        for ours, theirs in zip(dense(loaded, name), dense(guide, name)):
-            assert torch.allclose(ours, theirs, atol=1e-6)
-    assert int(loaded.step_count) == 3
-
-
 def test_macs_ratio_and_size_bytes():
     net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 4))
     bnn = BayesianNetwork(net, IIDNormalPrior(), Categorical(1))

@@ -18,7 +18,7 @@ the q of one site. Everything else has a default that a guide may override:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -27,8 +27,18 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
+from pyro_gbnn.local_params import LocalParams
 
-__all__ = ["BufferDict", "SiteGuide", "network_device", "normal_kl", "normal_prior", "optimizer_state", "site_key", "zero_optimizer_state"]
+__all__ = [
+    "BufferDict",
+    "SiteGuide",
+    "network_device",
+    "normal_kl",
+    "normal_prior",
+    "optimizer_state",
+    "site_key",
+    "zero_optimizer_state",
+]
 
 
 def site_key(name: str) -> str:
@@ -47,16 +57,20 @@ def normal_prior(bnn: BayesianNetwork, name: str, guide: str) -> tuple[torch.Ten
     A constant tensor comes back as a scalar (priors are usually expanded scalars), so
     guides can keep it as a buffer at no memory cost; ``guide`` names the caller in the error.
     """
-    prior = base = bnn.prior_distribution(name)
+    base = bnn.prior_distribution(name)
     while isinstance(base, torch.distributions.Independent):
         base = base.base_dist
     if not isinstance(base, torch.distributions.Normal):
-        raise ValueError(f"{guide} needs a Normal prior per weight; site {name!r} has {type(base).__name__} "
-                         "(use iid_normal or layerwise_normal)")
+        raise ValueError(
+            f"{guide} needs a Normal prior per weight; site {name!r} has {type(base).__name__} "
+            "(use iid_normal or layerwise_normal)"
+        )
     return _compact(base.loc), _compact(base.scale)
 
 
-def normal_kl(loc: torch.Tensor, scale: torch.Tensor, prior_loc: torch.Tensor, prior_scale: torch.Tensor) -> torch.Tensor:
+def normal_kl(
+    loc: torch.Tensor, scale: torch.Tensor, prior_loc: torch.Tensor, prior_scale: torch.Tensor
+) -> torch.Tensor:
     """Elementwise KL(N(loc, scale^2) || N(prior_loc, prior_scale^2))."""
     return torch.log(prior_scale / scale) + (scale**2 + (loc - prior_loc) ** 2) / (2 * prior_scale**2) - 0.5
 
@@ -66,11 +80,17 @@ def optimizer_state(optimizer: torch.optim.Optimizer | None, params: Sequence[to
     state tensor shaped like its parameter."""
     if optimizer is None:
         return []
-    return [value for param in params for value in optimizer.state.get(param, {}).values()
-            if torch.is_tensor(value) and value.shape == param.shape]
+    return [
+        value
+        for param in params
+        for value in optimizer.state.get(param, {}).values()
+        if torch.is_tensor(value) and value.shape == param.shape
+    ]
 
 
-def zero_optimizer_state(optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor], entries: torch.Tensor) -> None:
+def zero_optimizer_state(
+    optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor], entries: torch.Tensor
+) -> None:
     """Forget the optimizer's running statistics at the flat ``entries`` of each of ``params``,
     so an entry a guide rewrote or retired outside the gradient step restarts from rest."""
     for value in optimizer_state(optimizer, params):
@@ -98,7 +118,7 @@ class BufferDict(nn.Module):
         return self._buffers[key]
 
 
-class SiteGuide(PyroModule):
+class SiteGuide(LocalParams, PyroModule):
     """Base class of guides that give each Bayesian weight site its own distribution.
 
     ``forward`` samples every site of ``bnn`` from :meth:`distribution`, so the guide runs

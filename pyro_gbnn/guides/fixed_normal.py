@@ -10,7 +10,7 @@ so a loaded model predicts exactly as the trained one.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping
+from collections.abc import Mapping
 
 import pyro
 import pyro.distributions as dist
@@ -36,15 +36,21 @@ class FixedNormalGuide(nn.Module):
     so :func:`pyro_gbnn.predict.predict` and the metrics use it unchanged.
     """
 
-    def __init__(self, locs: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor],
-                 active: Mapping[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        locs: Mapping[str, torch.Tensor],
+        scales: Mapping[str, torch.Tensor],
+        active: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         if list(locs) != list(scales):
             raise ValueError("locs and scales must name the same sites in the same order")
         self.site_shapes: OrderedDict[str, torch.Size] = OrderedDict()
         for name, loc in locs.items():
             if scales[name].shape != loc.shape:
-                raise ValueError(f"site {name}: scale shape {tuple(scales[name].shape)} differs from loc shape {tuple(loc.shape)}")
+                raise ValueError(
+                    f"site {name}: scale shape {tuple(scales[name].shape)} differs from loc shape {tuple(loc.shape)}"
+                )
             self.site_shapes[name] = torch.Size(loc.shape)
             self.register_buffer("loc/" + _key(name), loc.detach().float().clone())
             self.register_buffer("scale/" + _key(name), scales[name].detach().float().clone())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import pyro.distributions as dist
 import torch
@@ -105,4 +105,6 @@ class MeanFieldGuide(SiteGuide):
     @torch.no_grad()
     def posterior_moments(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(mean, std) of every weight, detached: the points 2DGBNN clusters."""
-        return {name: (self.loc[site_key(name)].detach().clone(), self.scale(name).detach()) for name in self.site_shapes}
+        return {
+            name: (self.loc[site_key(name)].detach().clone(), self.scale(name).detach()) for name in self.site_shapes
+        }

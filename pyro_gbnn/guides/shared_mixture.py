@@ -92,6 +92,7 @@ from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.guides.base import network_device, normal_prior, zero_optimizer_state
 from pyro_gbnn.guides.log_abs_normal import expected_log_abs_normal
 from pyro_gbnn.guides.mean_field import inverse_softplus
+from pyro_gbnn.local_params import LocalParams
 from pyro_gbnn.sharing.build import SharingSettings, merge_with_settings
 from pyro_gbnn.sharing.plan import SharingPlan, index_dtype
 
@@ -132,7 +133,7 @@ _TRAINED = {  # (semantics, prior) -> component values that reach the objective
 }
 
 
-class SharedMixtureGuide(PyroModule):
+class SharedMixtureGuide(LocalParams, PyroModule):
     """Guide over ``bnn``'s weights following a stage-2 :class:`SharingPlan` (see module doc)."""
 
     def __init__(
@@ -151,7 +152,9 @@ class SharedMixtureGuide(PyroModule):
             if value not in accepted:
                 raise ValueError(f"{what} {value!r} is unknown; use one of {accepted}")
         if (semantics, prior) not in _TRAINED:
-            raise ValueError(f"prior {prior!r} applies to the tied semantics only; use prior 'weight' with {semantics!r}")
+            raise ValueError(
+                f"prior {prior!r} applies to the tied semantics only; use prior 'weight' with {semantics!r}"
+            )
         if list(bnn.site_shapes) != list(plan.site_names):
             raise ValueError("the sharing plan was made for another network: its sites differ from bnn.site_shapes")
         plan.check()
@@ -239,7 +242,8 @@ class SharedMixtureGuide(PyroModule):
         """[K, 2, 2] lower-triangular factors of the component covariances."""
         zero = torch.zeros_like(self.chol_10)
         return torch.stack(
-            [torch.stack([self.chol_log_00.exp(), zero], -1), torch.stack([self.chol_10, self.chol_log_11.exp()], -1)], -2
+            [torch.stack([self.chol_log_00.exp(), zero], -1), torch.stack([self.chol_10, self.chol_log_11.exp()], -1)],
+            -2,
         )
 
     def outlier_scale(self) -> torch.Tensor:
@@ -250,19 +254,30 @@ class SharedMixtureGuide(PyroModule):
         k = self._ellipse_gather.shape[1] if self._ellipse_gather.dim() == 2 else 0
         weights = torch.cat([self.inlier_index, self.ellipse_index.repeat_interleave(k)])
         comps = torch.cat([self._inlier_gather, self._ellipse_gather.reshape(-1)]).long()
-        alphas = torch.cat([torch.ones(self.inlier_index.numel(), device=weights.device), self.ellipse_alphas.reshape(-1)])
+        alphas = torch.cat(
+            [torch.ones(self.inlier_index.numel(), device=weights.device), self.ellipse_alphas.reshape(-1)]
+        )
         return weights, comps, alphas
 
     def _component_priors(self, prior_loc: torch.Tensor, prior_scale: torch.Tensor) -> torch.Tensor:
         """[K, 2] (loc, scale) of the weight prior each component's draw is held to (tied)."""
         k = self.num_components
         members = torch.cat([self.inlier_index, self.ellipse_index])
-        comps = torch.cat([self._inlier_gather, self._ellipse_gather[:, 0] if self._ellipse_gather.numel() else self._inlier_gather[:0]])
+        comps = torch.cat(
+            [
+                self._inlier_gather,
+                self._ellipse_gather[:, 0] if self._ellipse_gather.numel() else self._inlier_gather[:0],
+            ]
+        )
         sizes = torch.tensor(self._sizes, device=members.device)
         site_of = torch.bucketize(members, sizes.cumsum(0), right=True)
         n_sites = len(self._sizes)
         cells = (comps * n_sites + site_of).long()
-        votes = torch.zeros(k * n_sites, dtype=torch.long, device=cells.device).index_add_(0, cells, torch.ones_like(cells)).view(k, n_sites)
+        votes = (
+            torch.zeros(k * n_sites, dtype=torch.long, device=cells.device)
+            .index_add_(0, cells, torch.ones_like(cells))
+            .view(k, n_sites)
+        )
         major_site = votes.argmax(1)
         offsets = sizes.cumsum(0) - sizes
         first_weight = offsets[major_site]
@@ -294,7 +309,9 @@ class SharedMixtureGuide(PyroModule):
         z = self.centre_mu + self.chol_log_00.exp() * eps
         inliers = z.index_select(-1, self._inlier_gather)
         ellipses = (z[..., self._ellipse_gather] * self.ellipse_alphas).sum(-1)
-        outliers = self.outlier_loc + self.outlier_scale() * torch.randn(*sample_shape, self.outlier_loc.numel(), device=eps.device)
+        outliers = self.outlier_loc + self.outlier_scale() * torch.randn(
+            *sample_shape, self.outlier_loc.numel(), device=eps.device
+        )
         return self._assemble(outliers, inliers, ellipses)
 
     def _component_draws(self, sample_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,12 +410,14 @@ class SharedMixtureGuide(PyroModule):
         normal = torch.distributions.Normal
         m, s = self.centre_mu, self.component_scale()
         kl_in = torch.distributions.kl_divergence(
-            normal(m[self._inlier_gather], s[self._inlier_gather]), normal(self._inlier_prior_loc, self._inlier_prior_scale)
+            normal(m[self._inlier_gather], s[self._inlier_gather]),
+            normal(self._inlier_prior_loc, self._inlier_prior_scale),
         ).sum()
         kl_ell = torch.zeros((), device=m.device)
         if self.ellipse_index.numel():
             per = torch.distributions.kl_divergence(
-                normal(m[self._ellipse_gather], s[self._ellipse_gather]), normal(self._ellipse_prior_loc, self._ellipse_prior_scale)
+                normal(m[self._ellipse_gather], s[self._ellipse_gather]),
+                normal(self._ellipse_prior_loc, self._ellipse_prior_scale),
             )
             kl_ell = (per * self.ellipse_alphas).sum()
         return self._per_shared_weight(kl_in + kl_ell)
@@ -483,4 +502,3 @@ class SharedMixtureGuide(PyroModule):
             ellipse_alphas=self.ellipse_alphas.clone(),
             report={},
         )
-

@@ -53,7 +53,7 @@ layout (``masks``, dense ``loc`` / ``rho``) still loads, as slots in flat-index 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -64,7 +64,14 @@ from torch import nn
 from pyro_gbnn import distributed
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.guides.base import (
-    BufferDict, SiteGuide, network_device, normal_kl, normal_prior, optimizer_state, site_key, zero_optimizer_state,
+    BufferDict,
+    SiteGuide,
+    network_device,
+    normal_kl,
+    normal_prior,
+    optimizer_state,
+    site_key,
+    zero_optimizer_state,
 )
 from pyro_gbnn.guides.mean_field import initial_scales, inverse_softplus
 from pyro_gbnn.sparse import SparseNormal
@@ -140,16 +147,25 @@ class SparseSubspaceGuide(SiteGuide):
         _check_fraction("density", density, zero_allowed=False)
         _check_fraction("replacement_rate", replacement_rate, zero_allowed=True)
         _check_fraction("sparse_kernel_max_density", sparse_kernel_max_density, zero_allowed=True)
-        for arg, value, accepted in (("removal", removal, REMOVAL_CRITERIA), ("addition", addition, ADDITION_RULES),
-                                     ("added_scale", added_scale, ADDED_SCALES)):
+        for arg, value, accepted in (
+            ("removal", removal, REMOVAL_CRITERIA),
+            ("addition", addition, ADDITION_RULES),
+            ("added_scale", added_scale, ADDED_SCALES),
+        ):
             if value not in accepted:
                 raise ValueError(f"{arg} {value!r} is unknown; use one of {accepted}")
-        for arg, value, least in (("update_every", update_every, 1), ("total_steps", total_steps, 1), ("seed", seed, 0)):
+        for arg, value, least in (
+            ("update_every", update_every, 1),
+            ("total_steps", total_steps, 1),
+            ("seed", seed, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{arg} must be an integer >= {least}, got {value!r}")
         unknown = [n for n in dense_sites if n not in self.site_shapes]
         if unknown:
-            raise ValueError(f"dense_sites {unknown} are not Bayesian sites; use names from {list(self.site_shapes)[:5]}")
+            raise ValueError(
+                f"dense_sites {unknown} are not Bayesian sites; use names from {list(self.site_shapes)[:5]}"
+            )
         priors = {site_key(name): normal_prior(bnn, name, "SparseSubspaceGuide") for name in self.site_shapes}
         self.prior_loc = BufferDict({key: loc for key, (loc, _) in priors.items()}, persistent=False)
         self.prior_scale = BufferDict({key: scale for key, (_, scale) in priors.items()}, persistent=False)
@@ -158,22 +174,31 @@ class SparseSubspaceGuide(SiteGuide):
         self.seed = seed
         self.budget = self._budgets(density, set(dense_sites))
         self.sparse_kernel_sites = {
-            name for name, shape in self.site_shapes.items()
-            if len(shape) == 2 and isinstance(bnn.module_of(name), nn.Linear)
+            name
+            for name, shape in self.site_shapes.items()
+            if len(shape) == 2
+            and isinstance(bnn.module_of(name), nn.Linear)
             and self.budget[name] <= sparse_kernel_max_density * shape.numel()
         }
         generator = torch.Generator().manual_seed(seed)  # the CPU's: the same subspace on any device
         index, scales, device = {}, initial_scales(bnn, init_scale, xavier_gain), network_device(bnn)
         for name, shape in self.site_shapes.items():
-            index[site_key(name)] = torch.randperm(shape.numel(), generator=generator)[: self.budget[name]].sort().values.int().to(device)
+            index[site_key(name)] = (
+                torch.randperm(shape.numel(), generator=generator)[: self.budget[name]].sort().values.int().to(device)
+            )
         self.index = BufferDict(index)
-        self.loc = nn.ParameterDict({
-            key: nn.Parameter(bnn.initial_values[n].detach().reshape(-1)[index[key]].clone())
-            for n, key in zip(self.site_shapes, index)
-        })
-        self.rho = nn.ParameterDict({
-            key: nn.Parameter(inverse_softplus(scales[n]).reshape(-1)[index[key]].clone()) for n, key in zip(self.site_shapes, index)
-        })
+        self.loc = nn.ParameterDict(
+            {
+                key: nn.Parameter(bnn.initial_values[n].detach().reshape(-1)[index[key]].clone())
+                for n, key in zip(self.site_shapes, index)
+            }
+        )
+        self.rho = nn.ParameterDict(
+            {
+                key: nn.Parameter(inverse_softplus(scales[n]).reshape(-1)[index[key]].clone())
+                for n, key in zip(self.site_shapes, index)
+            }
+        )
         self.register_buffer("initial_rho", torch.stack([inverse_softplus(scales[n].mean()) for n in self.site_shapes]))
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long, device=device))
         self._steps = 0  # step_count on the host, read by every step without waiting for the device
@@ -220,11 +245,14 @@ class SparseSubspaceGuide(SiteGuide):
         self._grads[name] = grad.detach() + self._grads[name] if name in self._grads else grad.detach()
 
     def kl_divergence(self, bnn: BayesianNetwork) -> torch.Tensor:
-        """sum over active weights of KL(N(mu, sigma^2) || prior); the Normal priors were read from ``bnn`` at construction."""
+        """sum over active weights of KL(N(mu, sigma^2) || prior); the Normal priors were read
+        from ``bnn`` at construction."""
         total = 0.0
         for key in map(site_key, self.site_shapes):
             index = self.index[key]
-            prior_loc, prior_scale = (p if p.dim() == 0 else p.reshape(-1)[index] for p in (self.prior_loc[key], self.prior_scale[key]))
+            prior_loc, prior_scale = (
+                p if p.dim() == 0 else p.reshape(-1)[index] for p in (self.prior_loc[key], self.prior_scale[key])
+            )
             total = total + normal_kl(self.loc[key], F.softplus(self.rho[key]), prior_loc, prior_scale).sum()
         return torch.as_tensor(total)
 
@@ -251,8 +279,10 @@ class SparseSubspaceGuide(SiteGuide):
         if not self._update_due(step):
             return
         if self.addition == "gradient" and not grads:
-            raise RuntimeError("addition='gradient' needs a backward pass through this guide's forward before "
-                               "after_step; call loss.backward() each step (or use addition='random')")
+            raise RuntimeError(
+                "addition='gradient' needs a backward pass through this guide's forward before "
+                "after_step; call loss.backward() each step (or use addition='random')"
+            )
         if distributed.is_distributed():  # every rank must grow the same weights: the summed gradient
             grads = {name: distributed.all_sum(grads[name].contiguous()) for name in sorted(grads)}
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
@@ -260,8 +290,15 @@ class SparseSubspaceGuide(SiteGuide):
         for index, name in enumerate(self.site_shapes):
             self._replace(name, index, rate, grads.get(name), generator, optimizer)
 
-    def _replace(self, name: str, index: int, rate: float, grad: torch.Tensor | None,
-                 generator: torch.Generator, optimizer: torch.optim.Optimizer | None) -> None:
+    def _replace(
+        self,
+        name: str,
+        index: int,
+        rate: float,
+        grad: torch.Tensor | None,
+        generator: torch.Generator,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> None:
         key, numel = site_key(name), self.site_shapes[name].numel()
         slots, mu, rho = self.index[key], self.loc[key], self.rho[key]
         k = min(round(rate * self.budget[name]), numel - self.budget[name])
@@ -269,7 +306,11 @@ class SparseSubspaceGuide(SiteGuide):
             return
         removed = torch.topk(removal_score(mu, F.softplus(rho), self.removal), k, largest=False).indices
         if self.addition == "gradient":
-            growth = grad.reshape(-1).abs().double() if grad is not None else torch.zeros(numel, dtype=torch.float64, device=slots.device)
+            growth = (
+                grad.reshape(-1).abs().double()
+                if grad is not None
+                else torch.zeros(numel, dtype=torch.float64, device=slots.device)
+            )
         else:
             growth = torch.rand(numel, generator=generator, dtype=torch.float64)
         active = torch.zeros(numel, dtype=torch.bool, device=slots.device)
@@ -339,15 +380,3 @@ class SparseSubspaceGuide(SiteGuide):
         dense = sum(macs.values())
         sparse = sum(m * self.budget[n] / self.site_shapes[n].numel() for n, m in macs.items())
         return sparse / dense if dense else 1.0
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # The earlier dense layout (a bool mask and dense loc / rho per site) becomes slots in
-        # flat-index order, so run folders written before the sparse storage still load.
-        for key in map(site_key, self.site_shapes):
-            mask = state_dict.pop(f"{prefix}masks.{key}", None)
-            if mask is not None:
-                flat = mask.reshape(-1).nonzero().squeeze(1)
-                state_dict[f"{prefix}index.{key}"] = flat.int()
-                for group in ("loc", "rho"):
-                    state_dict[f"{prefix}{group}.{key}"] = state_dict[f"{prefix}{group}.{key}"].reshape(-1)[flat]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

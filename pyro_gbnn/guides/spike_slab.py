@@ -51,8 +51,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Iterator
 
 import pyro.distributions as dist
 import torch
@@ -151,7 +151,8 @@ class _SlabParameters(SiteGuide):
 
 
 class SpikeSlabGuide(_SlabParameters):
-    """q(gamma_i, theta_i) = Bernoulli(phi_i) x [gamma_i N(mu_i, sigma_i^2) + (1 - gamma_i) p_i]; see the module docstring.
+    """q(gamma_i, theta_i) = Bernoulli(phi_i) x [gamma_i N(mu_i, sigma_i^2) + (1 - gamma_i) p_i];
+    see the module docstring.
 
     Args:
         bnn: its prior must be a Normal (possibly ``Independent``) per site: the slab.
@@ -184,7 +185,9 @@ class SpikeSlabGuide(_SlabParameters):
         loc = {n: bnn.initial_values[n].detach().clone().reshape(s) for n, s in self.site_shapes.items()}
         rho = {n: inverse_softplus(scales[n]) for n in self.site_shapes}
         self._init_slab(loc, rho, prior_loc, prior_scale, prior_inclusion)
-        self.inclusion_logit = BufferDict({site_key(n): torch.full(s, start, device=loc[n].device) for n, s in self.site_shapes.items()})
+        self.inclusion_logit = BufferDict(
+            {site_key(n): torch.full(s, start, device=loc[n].device) for n, s in self.site_shapes.items()}
+        )
 
     def inclusion(self, name: str) -> torch.Tensor:
         """phi of site ``name``: q(gamma_i = 1), shape of the weight."""
@@ -203,7 +206,9 @@ class SpikeSlabGuide(_SlabParameters):
         for name in self.site_shapes:
             logit = self.inclusion_logit[site_key(name)]
             phi = torch.sigmoid(logit)
-            bernoulli = phi * (F.logsigmoid(logit) - math.log(lam)) + (1 - phi) * (F.logsigmoid(-logit) - math.log1p(-lam))
+            bernoulli = phi * (F.logsigmoid(logit) - math.log(lam)) + (1 - phi) * (
+                F.logsigmoid(-logit) - math.log1p(-lam)
+            )
             total = total + (bernoulli + phi * self._slab_kl(name)).sum()
         return torch.as_tensor(total)
 
@@ -236,7 +241,7 @@ class SpikeSlabGuide(_SlabParameters):
         return pruned / max(sum(s.numel() for s in self.site_shapes.values()), 1)
 
     @torch.no_grad()
-    def prune(self, threshold: float = 0.5) -> "PrunedSpikeSlabGuide":
+    def prune(self, threshold: float = 0.5) -> PrunedSpikeSlabGuide:
         """Keep N(mu, sigma^2) where phi > threshold, exactly 0 elsewhere (copies, not views)."""
         masks = {n: self.inclusion(n) > threshold for n in self.site_shapes}
         loc = {n: self.loc[site_key(n)] * m for n, m in masks.items()}

@@ -19,7 +19,18 @@ from pyro_gbnn.methods.mean_field import MeanField
 from pyro_gbnn.methods.spike_slab import SpikeSlab
 from pyro_gbnn.methods.ssvi import SSVI
 
-__all__ = ["METHODS", "Method", "Deterministic", "MeanField", "TwoDGBNN", "SpikeSlab", "SSVI", "Int8", "method_class", "resolve_method"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "Deterministic",
+    "MeanField",
+    "TwoDGBNN",
+    "SpikeSlab",
+    "SSVI",
+    "Int8",
+    "method_class",
+    "resolve_method",
+]
 
 METHODS: dict[str, type[Method]] = {
     "deterministic": Deterministic,

@@ -2,7 +2,7 @@
 
 A stage ``s`` is two methods of the class: ``stage_s(run, net, resume)`` trains (or
 transforms) and records its test metrics and outputs through the
-:class:`~pyro_gbnn.pipeline.FitRun` (``run.finish_stage``), and ``model_s(run, net)``
+:class:`~pyro_gbnn.stages.FitRun` (``run.finish_stage``), and ``model_s(run, net)``
 rebuilds the stage's (network, guide) from those saved outputs. The pipeline runs the
 stages, checkpoints after each epoch and stage, resumes, and times them; a method never
 writes files. Subclass a method to add stages after its own (2DGBNN is mean-field plus
@@ -20,7 +20,7 @@ from torch import nn
 from pyro_gbnn.errors import UsageError
 
 if TYPE_CHECKING:
-    from pyro_gbnn.pipeline import FitRun
+    from pyro_gbnn.stages import FitRun
 
 __all__ = ["Method"]
 
@@ -32,7 +32,9 @@ class Method:
 
     stages: ClassVar[tuple[str, ...]] = ()
     training_stage: ClassVar[str] = ""  # the stage whose ``epochs`` the command line's --epochs sets
-    guide_use: ClassVar[str] = "none"  # bnn.guide: "any" guide trains, a "mean_field" subclass is required, or "none" is read
+    guide_use: ClassVar[str] = (
+        "none"  # bnn.guide: "any" guide trains, a "mean_field" subclass is required, or "none" is read
+    )
     own_guide: ClassVar[str] = "no guide"  # what the method trains instead, for the "bnn.guide is not used" error
 
     def run_stage(self, stage: str, run: FitRun, net: nn.Module, resume: dict | None) -> None:
@@ -52,9 +54,16 @@ class Method:
 
         guide, name = config["bnn"]["guide"], config["method"]
         if self.guide_use == "none" and guide != DEFAULTS["bnn"]["guide"]:
-            raise UsageError(f"bnn.guide is not used by method {name} (it trains {self.own_guide}); remove bnn.guide from the config")
-        if self.guide_use == "mean_field" and not issubclass(resolve_class(guide["class"], GUIDES, "guide"), MeanFieldGuide):
-            raise UsageError(f"method {name} starts from a mean-field posterior; set bnn.guide.class to mean_field (got {guide.get('class')!r})")
+            raise UsageError(
+                f"bnn.guide is not used by method {name} (it trains {self.own_guide}); remove bnn.guide from the config"
+            )
+        if self.guide_use == "mean_field" and not issubclass(
+            resolve_class(guide["class"], GUIDES, "guide"), MeanFieldGuide
+        ):
+            raise UsageError(
+                f"method {name} starts from a mean-field posterior; set bnn.guide.class to mean_field (got "
+                f"{guide.get('class')!r})"
+            )
 
     @classmethod
     def check_definition(cls, name: str) -> None:
@@ -64,8 +73,13 @@ class Method:
         for stage in cls.stages:
             for prefix in ("stage_", "model_"):
                 if not callable(getattr(cls, prefix + stage, None)):
-                    raise UsageError(f"method {name!r} declares stage {stage!r} but has no {prefix}{stage}(self, run, net{', resume' if prefix == 'stage_' else ''}) method")
+                    raise UsageError(
+                        f"method {name!r} declares stage {stage!r} but has no {prefix}{stage}(self, run, "
+                        f"net{', resume' if prefix == 'stage_' else ''}) method"
+                    )
         if cls.training_stage not in cls.stages:
-            raise UsageError(f"method {name!r}: training_stage {cls.training_stage!r} is not one of its stages {cls.stages}")
+            raise UsageError(
+                f"method {name!r}: training_stage {cls.training_stage!r} is not one of its stages {cls.stages}"
+            )
         if cls.guide_use not in GUIDE_USES:
             raise UsageError(f"method {name!r}: guide_use {cls.guide_use!r} is not one of {GUIDE_USES}")

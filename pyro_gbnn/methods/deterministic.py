@@ -10,7 +10,7 @@ from torch import nn
 
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.methods.base import Method
-from pyro_gbnn.pipeline import FitRun, restore_training, timed_epochs
+from pyro_gbnn.stages import FitRun, restore_training, timed_epochs
 from pyro_gbnn.train import deterministic_step, make_lr_schedule, make_optimizer
 
 __all__ = ["Deterministic", "load_pretrained"]
@@ -20,11 +20,16 @@ def load_pretrained(net: nn.Module, path: str | Path) -> None:
     """Weights for stage 0 from a pyro_gbnn checkpoint or a plain ``state_dict`` file."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--init-from {str(path)!r} does not exist; pass a checkpoint.pt of a finished stage 0 or a state_dict file")
+        raise UsageError(
+            f"--init-from {str(path)!r} does not exist; pass a checkpoint.pt of a finished stage 0 or a state_dict file"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UsageError(f"--init-from {str(path)!r} is not a readable torch file ({type(err).__name__}); pass a checkpoint.pt or a state_dict") from None
+        raise UsageError(
+            f"--init-from {str(path)!r} is not a readable torch file ({type(err).__name__}); pass a checkpoint.pt or "
+            "a state_dict"
+        ) from None
     if isinstance(state, dict) and "outputs" in state:
         if "deterministic" not in state["outputs"]:
             raise UsageError(f"checkpoint {str(path)!r} has no finished deterministic stage to start from")
@@ -63,7 +68,11 @@ class Deterministic(Method):
             batches_for_epoch=lambda e: run.loader("train", e),
             epochs=section["epochs"],
             evaluate=lambda: run.evaluate(net, None, run.eval_split, 1),
-            save_states=lambda: {"net": net.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+            save_states=lambda: {
+                "net": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+            },
         )
         run.finish_stage("deterministic", net, None, net, {"net": net.state_dict()})
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,15 +19,20 @@ from pyro_gbnn.errors import UsageError
 from pyro_gbnn.guides import MeanFieldGuide
 from pyro_gbnn.guides.shared_mixture import SharedMixtureGuide
 from pyro_gbnn.methods.mean_field import MeanField, restore_mean_field
-from pyro_gbnn.pipeline import FitRun, build_bnn, count_trainable, load_guide_state, train_variational
 from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
 from pyro_gbnn.sharing.plan import SharingPlan
+from pyro_gbnn.stages import FitRun, build_bnn, count_trainable, load_guide_state, train_variational
 
 __all__ = ["TwoDGBNN", "accumulate_gradients", "sharing_metrics"]
 
 
 def accumulate_gradients(
-    elbo: AnalyticKL_ELBO, guide: MeanFieldGuide, batches, num_batches: int, dataset_size: int, device: torch.device | str = "cpu"
+    elbo: AnalyticKL_ELBO,
+    guide: MeanFieldGuide,
+    batches,
+    num_batches: int,
+    dataset_size: int,
+    device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Mean |d(-ELBO per datum) / d loc| of every weight over ``num_batches`` batches (section 4.1),
     summed on the guide's device; in a data-parallel run each rank takes ``num_batches`` of
@@ -81,7 +86,7 @@ class TwoDGBNN(MeanField):
         super().check_config(config)
         _sharing_settings(config).check()
         section = config["fine_tune"]
-        if section.get("merge_every", 0) and (section["semantics"], section["shared_prior"]) == ("tied", "weight"):
+        if section["merge_every"] and (section["semantics"], section["shared_prior"]) == ("tied", "weight"):
             raise UsageError(
                 "fine_tune.merge_every re-tests merges on trained components, but under semantics tied with "
                 "shared_prior weight their std coordinates never train; use semantics hierarchical or independent, "
@@ -124,11 +129,17 @@ class TwoDGBNN(MeanField):
     def _shared_guide(run: FitRun, bnn: BayesianNetwork, plan: SharingPlan) -> SharedMixtureGuide:
         section = run.config["fine_tune"]
         return SharedMixtureGuide(
-            bnn, plan, semantics=section["semantics"], prior=section["shared_prior"], kl_weighting=section["kl_weighting"]
+            bnn,
+            plan,
+            semantics=section["semantics"],
+            prior=section["shared_prior"],
+            kl_weighting=section["kl_weighting"],
         )
 
     @staticmethod
-    def _finish_shared_stage(run: FitRun, stage: str, bnn: BayesianNetwork, guide: SharedMixtureGuide, output: dict) -> None:
+    def _finish_shared_stage(
+        run: FitRun, stage: str, bnn: BayesianNetwork, guide: SharedMixtureGuide, output: dict
+    ) -> None:
         """Metrics and sizes of the plan as the guide stands (merging may have retired components):
         ``size_bytes`` is what deployment stores, the fp32 values (``size_bytes_values``) and the
         index and blend tables (``size_bytes_index``), as the other methods count masks."""
@@ -142,7 +153,7 @@ class TwoDGBNN(MeanField):
     def _merge_every(run: FitRun, guide: SharedMixtureGuide) -> Callable[[int, torch.optim.Optimizer], None] | None:
         """``fine_tune.merge_every`` > 0: stage 2's merge tests re-run on the trained components
         after every that many epochs (not after the last), as the authors' code does."""
-        every, epochs = run.config["fine_tune"].get("merge_every", 0), run.config["fine_tune"]["epochs"]  # absent in older runs
+        every, epochs = run.config["fine_tune"]["merge_every"], run.config["fine_tune"]["epochs"]
         if not every:
             return None
         settings = _sharing_settings(run.config)
@@ -151,6 +162,8 @@ class TwoDGBNN(MeanField):
             if epoch % every or epoch == epochs:
                 return
             retired = guide.merge_close_components(optimizer, settings)
-            run.log.write({"stage": "fine_tune", "epoch": epoch, "merged": retired, "n_gaussians": int(guide.alive.sum())})
+            run.log.write(
+                {"stage": "fine_tune", "epoch": epoch, "merged": retired, "n_gaussians": int(guide.alive.sum())}
+            )
 
         return merge

@@ -11,8 +11,8 @@ from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.methods.mean_field import MeanField, restore_mean_field
-from pyro_gbnn.pipeline import FitRun, count_trainable
 from pyro_gbnn.quantization import QuantizedMeanFieldGuide, quantize_mean_field
+from pyro_gbnn.stages import FitRun, count_trainable
 
 __all__ = ["Int8"]
 
@@ -32,9 +32,15 @@ class Int8(MeanField):
         rows = {}
         for bits in section["scale_bits"]:
             started = time.perf_counter()
-            quantized = quantize_mean_field(guide, loc_bits=section["loc_bits"], scale_bits=int(bits), per_channel=section["per_channel"])
+            quantized = quantize_mean_field(
+                guide, loc_bits=section["loc_bits"], scale_bits=int(bits), per_channel=section["per_channel"]
+            )
             metrics = run.evaluate(bnn, quantized, "test", run.config["predict"]["num_samples"])
-            rows[str(bits)] = {**metrics, "size_bytes": quantized.size_bytes() + 4 * others, "wall_time_s": round(time.perf_counter() - started, 2)}
+            rows[str(bits)] = {
+                **metrics,
+                "size_bytes": quantized.size_bytes() + 4 * others,
+                "wall_time_s": round(time.perf_counter() - started, 2),
+            }
         first = str(section["scale_bits"][0])
         run.results["quantize"] = {
             **rows[first],
@@ -50,4 +56,6 @@ class Int8(MeanField):
         """The quantized guide at the first of ``int8.scale_bits``."""
         bnn, guide, _ = restore_mean_field(run, net)
         section = run.config["int8"]
-        return bnn, quantize_mean_field(guide, section["loc_bits"], int(section["scale_bits"][0]), section["per_channel"])
+        return bnn, quantize_mean_field(
+            guide, section["loc_bits"], int(section["scale_bits"][0]), section["per_channel"]
+        )

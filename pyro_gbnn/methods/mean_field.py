@@ -8,8 +8,8 @@ from torch import nn
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.methods.deterministic import Deterministic
-from pyro_gbnn.pipeline import FitRun, build_bnn, train_variational
 from pyro_gbnn.registry import build_guide
+from pyro_gbnn.stages import FitRun, build_bnn, train_variational
 
 __all__ = ["MeanField", "build_mean_field", "restore_mean_field"]
 

@@ -12,7 +12,7 @@ from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.guides.spike_slab import PrunedSpikeSlabGuide, SpikeSlabGuide
 from pyro_gbnn.methods.deterministic import Deterministic
-from pyro_gbnn.pipeline import FitRun, build_bnn, count_trainable, load_guide_state, train_variational
+from pyro_gbnn.stages import FitRun, build_bnn, count_trainable, load_guide_state, train_variational
 
 __all__ = ["SpikeSlab"]
 
@@ -28,7 +28,8 @@ class SpikeSlab(Deterministic):
     def stage_spike_slab(self, run: FitRun, net: nn.Module, resume: dict | None) -> None:
         bnn, guide = self._guide(run, net)
         elbo = train_variational(run, "spike_slab", bnn, guide, resume)
-        n_params = count_trainable(elbo) + sum(shape.numel() for shape in bnn.site_shapes.values())  # + one phi per weight
+        phis = sum(shape.numel() for shape in bnn.site_shapes.values())  # one inclusion probability per weight
+        n_params = count_trainable(elbo) + phis
         run.finish_stage("spike_slab", bnn, guide, elbo, {"elbo": elbo.state_dict()}, size=(n_params, 4 * n_params))
         run.results["spike_slab"]["sparsity"] = guide.sparsity(run.config["spike_slab"]["prune_threshold"])
 

@@ -10,7 +10,7 @@ from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.guides.sparse_subspace import SparseSubspaceGuide
 from pyro_gbnn.methods.base import Method
-from pyro_gbnn.pipeline import FitRun, build_bnn, count_trainable, load_guide_state, train_variational
+from pyro_gbnn.stages import FitRun, build_bnn, count_trainable, load_guide_state, train_variational
 
 __all__ = ["SSVI"]
 
@@ -29,9 +29,7 @@ class SSVI(Method):
         size = (2 * guide.num_active() + others, guide.size_bytes() + 4 * others)
         run.finish_stage("ssvi", bnn, guide, elbo, {"elbo": elbo.state_dict()}, size=size)
         x, _ = run.data.test[0]
-        run.results["ssvi"].update(
-            density=guide.density(), train_macs_ratio=guide.train_macs_ratio(bnn, (1, *x.shape))
-        )
+        run.results["ssvi"].update(density=guide.density(), train_macs_ratio=guide.train_macs_ratio(bnn, (1, *x.shape)))
 
     def model_ssvi(self, run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, SparseSubspaceGuide]:
         bnn, guide = self._guide(run, net)

@@ -7,7 +7,8 @@ torchvision's modules, given prior sites but no gradient estimator).
 """
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 

@@ -20,9 +20,7 @@ class LeNet(nn.Module):
     Input: (batch, in_channels, image_size, image_size) with image_size >= 16; output: logits.
     """
 
-    def __init__(
-        self, num_classes: int, in_channels: int = 1, image_size: int = 28, hidden: int = 256
-    ) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 1, image_size: int = 28, hidden: int = 256) -> None:
         super().__init__()
         side = _feature_side(image_size)
         if side < 1:

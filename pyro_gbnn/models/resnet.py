@@ -1,6 +1,6 @@
 """torchvision's ImageNet ResNets, with a choice of stem for small images."""
 
-from typing import Callable
+from collections.abc import Callable
 
 import torchvision
 from torch import nn
@@ -17,7 +17,7 @@ _CONSTRUCTORS: dict[str, Callable[..., torchvision.models.ResNet]] = {
 
 
 def default_stem(image_size: int) -> str:
-    """"cifar" up to 64x64 images, where a 4x down-sampling stem would discard most pixels."""
+    """ "cifar" up to 64x64 images, where a 4x down-sampling stem would discard most pixels."""
     return "cifar" if image_size <= 64 else "imagenet"
 
 

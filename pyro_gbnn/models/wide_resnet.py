@@ -78,8 +78,6 @@ class WideResNet(nn.Module):
         return self.fc(self.avgpool(self.relu(self.bn(x))).flatten(1))
 
 
-def wide_resnet(
-    depth: int, width: int, num_classes: int, in_channels: int = 3, dropout: float = 0.0
-) -> WideResNet:
+def wide_resnet(depth: int, width: int, num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> WideResNet:
     """WRN-`depth`-`width`; WRN-28-10 has about 36.5M parameters at 10 classes."""
     return WideResNet(depth, width, num_classes, in_channels, dropout)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import pyro
 import torch
@@ -19,8 +20,19 @@ from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.metrics import mutual_information, predictive_entropy
 
 __all__ = [
-    "FixedDraws", "Prediction", "PredictiveSummary", "draw_weights", "draws_on_cpu", "fixed_draws", "logits_for_draws",
-    "logits_under", "module_device", "predict", "predict_batch", "predictive_summary", "with_batchnorm_statistics",
+    "FixedDraws",
+    "Prediction",
+    "PredictiveSummary",
+    "draw_weights",
+    "draws_on_cpu",
+    "fixed_draws",
+    "logits_for_draws",
+    "logits_under",
+    "module_device",
+    "predict",
+    "predict_batch",
+    "predictive_summary",
+    "with_batchnorm_statistics",
 ]
 
 
@@ -131,7 +143,9 @@ def predict(
     finally:
         bnn.train(was_training)
     return Prediction(  # one copy to the host at the end, not one wait per batch
-        torch.cat(probs).cpu(), torch.cat([y.cpu() for y in labels]), torch.cat(samples, dim=1) if keep_samples else None
+        torch.cat(probs).cpu(),
+        torch.cat([y.cpu() for y in labels]),
+        torch.cat(samples, dim=1) if keep_samples else None,
     )
 
 
@@ -149,7 +163,10 @@ class FixedDraws(NamedTuple):
 
 @torch.no_grad()
 def fixed_draws(
-    bnn: BayesianNetwork, guide: nn.Module, num_samples: int, batchnorm_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    bnn: BayesianNetwork,
+    guide: nn.Module,
+    num_samples: int,
+    batchnorm_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     seed: int = 0,
 ) -> FixedDraws:
     """``num_samples`` weight draws (:func:`draws_on_cpu`: the same draws on every device),
@@ -161,12 +178,19 @@ def fixed_draws(
 
 @torch.no_grad()
 def with_batchnorm_statistics(
-    bnn: BayesianNetwork, weights: dict[str, torch.Tensor], batchnorm_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    bnn: BayesianNetwork,
+    weights: dict[str, torch.Tensor],
+    batchnorm_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
 ) -> FixedDraws:
     """Given draws {site: [S, *shape]}, each with its BatchNorm statistics re-estimated on ``batchnorm_batches``."""
     num_samples = next(iter(weights.values())).shape[0]
-    return FixedDraws(weights, [batchnorm_statistics(bnn, {k: v[s] for k, v in weights.items()}, batchnorm_batches)
-                                for s in range(num_samples)])
+    return FixedDraws(
+        weights,
+        [
+            batchnorm_statistics(bnn, {k: v[s] for k, v in weights.items()}, batchnorm_batches)
+            for s in range(num_samples)
+        ],
+    )
 
 
 @torch.no_grad()
@@ -227,11 +251,17 @@ class PredictiveSummary(NamedTuple):
 
 @torch.no_grad()
 def predictive_summary(
-    bnn: BayesianNetwork | nn.Module, guide: nn.Module | None, x: torch.Tensor, num_samples: int = 30, batch_size: int = 256,
+    bnn: BayesianNetwork | nn.Module,
+    guide: nn.Module | None,
+    x: torch.Tensor,
+    num_samples: int = 30,
+    batch_size: int = 256,
     draws: FixedDraws | None = None,
 ) -> PredictiveSummary:
     """What ``python -m pyro_gbnn.predict`` prints, for a tensor of inputs [N, ...] (``draws``: see :func:`predict`)."""
     batches = [(chunk, torch.zeros(len(chunk), dtype=torch.long)) for chunk in torch.split(x, batch_size)]
     result = predict(bnn, guide, batches, num_samples, keep_samples=True, draws=draws)
     probs = result.probs
-    return PredictiveSummary(probs, probs.argmax(-1), predictive_entropy(probs), mutual_information(result.sample_probs))
+    return PredictiveSummary(
+        probs, probs.argmax(-1), predictive_entropy(probs), mutual_information(result.sample_probs)
+    )

@@ -33,7 +33,9 @@ def _image_paths(paths: list[str]) -> list[Path]:
         if path.is_dir():
             inside = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not inside:
-                raise UsageError(f"folder {name!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); pass image files or another folder")
+                raise UsageError(
+                    f"folder {name!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); pass image files or another folder"
+                )
             found += inside
         elif path.is_file():
             found.append(path)
@@ -46,10 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pyro_gbnn.predict", description=__doc__.splitlines()[0])
     parser.add_argument("model_file", help="a file written by python -m pyro_gbnn.export")
     parser.add_argument("--images", nargs="+", required=True, help="image files or folders of images")
-    parser.add_argument("--samples", type=int, help="posterior draws per image (default: the run's predict.num_samples)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the posterior draws (default 0; a file with per-draw BatchNorm statistics has its own draws)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per image, with every class probability")
+    parser.add_argument(
+        "--samples", type=int, help="posterior draws per image (default: the run's predict.num_samples)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the posterior draws (default 0; a file with per-draw BatchNorm statistics has its own draws)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per image, with every class probability"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
     return parser
 
@@ -85,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({**row, "probs": [round(float(p), 6) for p in summary.probs[i]]}))
         else:
-            print(f"{row['image']}\t{row['class']}\tp={row['probability']:.4f}\tentropy={row['entropy']:.4f}\tMI={row['mutual_information']:.4f}")
+            print(
+                f"{row['image']}\t{row['class']}\tp={row['probability']:.4f}\tentropy={row['entropy']:.4f}\tMI={row['mutual_information']:.4f}"
+            )
     return 0
 
 

@@ -145,7 +145,9 @@ def nearest_components(
     return _nearest_components(points, means, covs, k, chunk_size)
 
 
-def _nearest_components(points: Tensor, means: Tensor, covs: Tensor, k: int, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+def _nearest_components(
+    points: Tensor, means: Tensor, covs: Tensor, k: int, chunk_size: int | None
+) -> tuple[Tensor, Tensor]:
     n_comp = means.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise UsageError(f"k must be an integer >= 1 (components to blend), got {k!r}")

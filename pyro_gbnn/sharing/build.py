@@ -73,15 +73,19 @@ class SharingSettings:
             raise UsageError(f"blend_rule {self.blend_rule!r} is unknown; use one of {BLEND_RULES}")
         if self.gmm_max_points is not None and self.gmm_max_points < self.num_components:
             raise UsageError(
-                f"sharing.gmm_max_points ({self.gmm_max_points}) is below sharing.num_components ({self.num_components}): "
-                "the mixture needs more fitted points than components; raise gmm_max_points or set it to null (all inliers)"
+                f"sharing.gmm_max_points ({self.gmm_max_points}) is below sharing.num_components "
+                f"({self.num_components}): "
+                "the mixture needs more fitted points than components; raise gmm_max_points or set it to null (all "
+                "inliers)"
             )
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "SharingSettings":
+    def from_dict(cls, values: dict[str, Any]) -> SharingSettings:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown sharing settings {sorted(unknown)}; accepted: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(
+                f"unknown sharing settings {sorted(unknown)}; accepted: {sorted(cls.__dataclass_fields__)}"
+            )
         return cls(**values)
 
 
@@ -108,12 +112,20 @@ def _flatten(moments: dict[str, tuple[torch.Tensor, torch.Tensor]], gradients: d
 
 
 def merge_with_settings(
-    means: torch.Tensor, covs: torch.Tensor, counts: torch.Tensor, step_at_centres: torch.Tensor | None, settings: SharingSettings
+    means: torch.Tensor,
+    covs: torch.Tensor,
+    counts: torch.Tensor,
+    step_at_centres: torch.Tensor | None,
+    settings: SharingSettings,
 ) -> MergeResult:
     """:func:`merge_components` with the ``merge_*`` tests and rule of ``settings``; the
     gradient test is skipped when ``step_at_centres`` (|grad| x merge_grad_lr) is None."""
     return merge_components(
-        means, covs, counts, step_at_centres, settings.merge_tau_w2sq,
+        means,
+        covs,
+        counts,
+        step_at_centres,
+        settings.merge_tau_w2sq,
         tau_overlap=settings.merge_tau_overlap,
         neighbours=settings.merge_neighbours,
         tau_grad=settings.merge_tau_grad_step if step_at_centres is not None else None,
@@ -147,8 +159,13 @@ def _chunks(n: int) -> list[slice]:
 
 
 def _assign_all(
-    flat: _Flat, positions: torch.Tensor, weights: torch.Tensor, means: torch.Tensor, covs: torch.Tensor,
-    batch_size: int, out: torch.Tensor | None = None,
+    flat: _Flat,
+    positions: torch.Tensor,
+    weights: torch.Tensor,
+    means: torch.Tensor,
+    covs: torch.Tensor,
+    batch_size: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[n] long: each inlier's most responsible component, a chunk of inliers at a time
     (written into ``out`` when given)."""
@@ -159,8 +176,13 @@ def _assign_all(
 
 
 def _assign_to_ellipses(
-    flat: _Flat, positions: torch.Tensor, means: torch.Tensor, covs: torch.Tensor, assign: torch.Tensor,
-    threshold: float, rule: str,
+    flat: _Flat,
+    positions: torch.Tensor,
+    means: torch.Tensor,
+    covs: torch.Tensor,
+    assign: torch.Tensor,
+    threshold: float,
+    rule: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ellipse weights among the inliers at ``positions`` to blend (Eq. 7) under ``rule``.
 
@@ -220,7 +242,7 @@ def build_sharing_plan(
     settings.check()
     started = time.perf_counter()
     flat = _flatten(moments, gradients)
-    loc, scale, grad = flat.loc, flat.scale, flat.grad
+    loc, grad = flat.loc, flat.grad
     n = loc.numel()
     outliers = outlier_mask(loc, grad, settings.tau_w, settings.top_grad_fraction)
     report: dict[str, Any] = {"settings": asdict(settings), "n_weights": n, "n_outliers_initial": int(outliers.sum())}
@@ -231,12 +253,21 @@ def build_sharing_plan(
     fitted = _points(flat, _fitting_positions(inlier_pos, settings.gmm_max_points, settings.seed))
     start, stop = _dist.shard_range(fitted.shape[0]) if distributed else (0, fitted.shape[0])
     gmm = fit_gmm_2d(
-        fitted[start:stop], k, batch_size=settings.gmm_batch_size, max_epochs=settings.gmm_max_epochs,
-        tol=settings.gmm_tol, seed=settings.seed, mode=settings.gmm_mode, distributed=distributed,
+        fitted[start:stop],
+        k,
+        batch_size=settings.gmm_batch_size,
+        max_epochs=settings.gmm_max_epochs,
+        tol=settings.gmm_tol,
+        seed=settings.seed,
+        mode=settings.gmm_mode,
+        distributed=distributed,
     )
     report.update(
-        gmm_time_s=time.perf_counter() - t0, gmm_points=int(fitted.shape[0]),
-        gmm_mean_log_likelihood=gmm.mean_log_likelihood, gmm_epochs=gmm.n_iter, n_gaussians_initial=k,
+        gmm_time_s=time.perf_counter() - t0,
+        gmm_points=int(fitted.shape[0]),
+        gmm_mean_log_likelihood=gmm.mean_log_likelihood,
+        gmm_epochs=gmm.n_iter,
+        n_gaussians_initial=k,
     )
     del fitted
     plan = None
@@ -251,7 +282,11 @@ def build_sharing_plan(
 
 
 def _dissolve(
-    flat: _Flat, outliers: torch.Tensor, inlier_pos: torch.Tensor, gmm: GMMResult, settings: SharingSettings,
+    flat: _Flat,
+    outliers: torch.Tensor,
+    inlier_pos: torch.Tensor,
+    gmm: GMMResult,
+    settings: SharingSettings,
     report: dict[str, Any],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every inlier to its most responsible component, small clusters dissolved into
@@ -267,8 +302,15 @@ def _dissolve(
 
 
 def _plan_from_mixture(
-    flat: _Flat, outliers: torch.Tensor, inlier_pos: torch.Tensor, assign: torch.Tensor, means: torch.Tensor,
-    covs: torch.Tensor, settings: SharingSettings, report: dict[str, Any], started: float,
+    flat: _Flat,
+    outliers: torch.Tensor,
+    inlier_pos: torch.Tensor,
+    assign: torch.Tensor,
+    means: torch.Tensor,
+    covs: torch.Tensor,
+    settings: SharingSettings,
+    report: dict[str, Any],
+    started: float,
 ) -> SharingPlan:
     """Stage 2 after dissolving: merge, blend, and the plan. ``assign`` is reused (overwritten)
     rather than copied: at ImageNet size each copy of it is 8 bytes per weight."""

@@ -111,9 +111,7 @@ def _check_gaussians(means: object, covs: object, definite: bool = True) -> int:
         raise UsageError(f"means must have shape [K, 2], got {_shape(means)}")
     _check_cov(covs, "covs", definite=definite)
     if covs.dim() != 3 or covs.shape[0] != means.shape[0]:
-        raise UsageError(
-            f"covs must have shape [K, 2, 2] with K={means.shape[0]} to match means, got {_shape(covs)}"
-        )
+        raise UsageError(f"covs must have shape [K, 2, 2] with K={means.shape[0]} to match means, got {_shape(covs)}")
     if means.dtype != covs.dtype:
         raise UsageError(f"means and covs must share a dtype, got {means.dtype} and {covs.dtype}")
     return means.shape[0]
@@ -245,9 +243,7 @@ def _pairwise_wasserstein2(means: Tensor, covs: Tensor) -> Tensor:
     return d
 
 
-def _resolve_weights(
-    weight1: Tensor | float | None, weight2: Tensor | float | None, like: Tensor
-) -> Tensor:
+def _resolve_weights(weight1: Tensor | float | None, weight2: Tensor | float | None, like: Tensor) -> Tensor:
     """Interpolation parameter t = w2 / (w1 + w2) (1/2 for equal or missing weights)."""
     if weight1 is None and weight2 is None:
         return torch.full((), 0.5, dtype=like.dtype, device=like.device)
@@ -311,8 +307,9 @@ def merge_gaussians(
     _check_cov(cov1, "cov1")
     _check_cov(cov2, "cov2")
     if rule in EQUAL_WEIGHT_RULES and (weight1 is not None or weight2 is not None):
-        raise UsageError(f"rule={rule!r} merges with equal weights only; drop weight1/weight2 "
-                         "or use rule='barycenter' or 'moments'")
+        raise UsageError(
+            f"rule={rule!r} merges with equal weights only; drop weight1/weight2 or use rule='barycenter' or 'moments'"
+        )
     t = _resolve_weights(weight1, weight2, mean1)
     return _merge(mean1, cov1, mean2, cov2, rule, t)
 

@@ -309,8 +309,16 @@ def _design(table: _Table, comp: Tensor, center: Tensor, reach: Tensor) -> tuple
     coefficients = torch.stack([logc + quadratic, linear_x, linear_y, na, nb, nc], dim=-2)
     rx, ry = reach[:, 0:1], reach[:, 1:2]
     a_, b_, c_ = na.abs(), nb.abs(), nc.abs()
-    anywhere = (a_ * mx * mx + b_ * (mx * my).abs() + c_ * my * my + linear_x.abs() * rx + linear_y.abs() * ry
-                + a_ * rx * rx + b_ * rx * ry + c_ * ry * ry)
+    anywhere = (
+        a_ * mx * mx
+        + b_ * (mx * my).abs()
+        + c_ * my * my
+        + linear_x.abs() * rx
+        + linear_y.abs() * ry
+        + a_ * rx * rx
+        + b_ * rx * ry
+        + c_ * ry * ry
+    )
     smallest_precision = (a_ + c_) - torch.sqrt((a_ - c_) ** 2 + b_ * b_)  # eigenvalues of [[-2na, -nb], [-nb, -2nc]]
     near = torch.sqrt(80.0 / smallest_precision.clamp(min=1e-300))  # distance at which q = 80
     relevant = (a_ + b_ + c_) * (2.0 * torch.sqrt(rx * rx + ry * ry) + near) ** 2
@@ -630,7 +638,11 @@ class _Data:
     """Standardised points, and a copy sorted by the cells of a fine grid for full sweeps."""
 
     def __init__(
-        self, points: Tensor, compute_dtype: torch.dtype, generator: torch.Generator, shards: _Shards | None = None,
+        self,
+        points: Tensor,
+        compute_dtype: torch.dtype,
+        generator: torch.Generator,
+        shards: _Shards | None = None,
         keep_unsorted: bool = True,
     ) -> None:
         self.points = points.detach()
@@ -652,7 +664,13 @@ class _Data:
     def sweep(self, table: _Table, want: str, max_points: int, acc_dtype: torch.dtype) -> _Sweep:
         """An E step over the points; log-likelihood and statistics summed over all ranks."""
         sweep = _sweep(
-            self.u_sorted, self.cells, self.grid, table, want=want, max_points=max_points, acc_dtype=acc_dtype,
+            self.u_sorted,
+            self.cells,
+            self.grid,
+            table,
+            want=want,
+            max_points=max_points,
+            acc_dtype=acc_dtype,
             exact_points=lambda index: self.exact(self.order[index]),
         )
         return _summed(sweep, self.shards, self.u_sorted.device)
@@ -992,8 +1010,13 @@ def fit_gmm_2d(
                 u_batch = data.u.index_select(1, local)
                 order, cells = grid.sort(u_batch)
                 sweep = _sweep(
-                    u_batch.index_select(1, order), cells, grid, _table(weights, means, covs),
-                    want="stats", max_points=batch_size, acc_dtype=dtype,
+                    u_batch.index_select(1, order),
+                    cells,
+                    grid,
+                    _table(weights, means, covs),
+                    want="stats",
+                    max_points=batch_size,
+                    acc_dtype=dtype,
                     exact_points=lambda index, at=local[order]: data.exact(at[index]),
                 )
                 sweep = _summed(sweep, shards, data.u.device)

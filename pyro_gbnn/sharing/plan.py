@@ -81,8 +81,9 @@ class SharingPlan:
         component = torch.empty((), dtype=index_dtype(self.num_components)).element_size()
         return self.num_weights * code + int(self.ellipse_index.numel()) * k * (component + 4)
 
-    def to(self, device: torch.device | str) -> "SharingPlan":
+    def to(self, device: torch.device | str) -> SharingPlan:
         """The plan with every tensor on ``device`` (itself if they are there already)."""
+
         def moved(value: Any) -> Any:
             if torch.is_tensor(value):
                 return value.to(device)
@@ -96,7 +97,7 @@ class SharingPlan:
         return self.to("cpu").__dict__.copy()
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "SharingPlan":
+    def from_state(cls, state: dict[str, Any]) -> SharingPlan:
         missing = [f.name for f in fields(cls) if f.name not in state and f.name != "merged_from"]
         if missing:
             raise ValueError(f"sharing plan state lacks {missing}; it was not written by SharingPlan.to_state")
@@ -109,4 +110,6 @@ class SharingPlan:
         for index in (self.outlier_index, self.inlier_index, self.ellipse_index):
             role.index_add_(0, index.long(), torch.ones_like(index, dtype=torch.int32))
         if not bool((role == 1).all()):
-            raise ValueError(f"sharing plan is inconsistent: {int((role != 1).sum())} of {n} weights have no role or several")
+            raise ValueError(
+                f"sharing plan is inconsistent: {int((role != 1).sum())} of {n} weights have no role or several"
+            )
