@@ -225,8 +225,17 @@ def test_existing_run_is_never_overwritten_and_corrupt_or_other_format_checkpoin
 def test_non_finite_loss_exits_1_and_keeps_the_last_checkpoint(fake_mnist, tmp_path, capsys):
     out = tmp_path / "r"
     args = ["--dataset", "mnist", "--data-dir", str(fake_mnist), "--out", str(out), "--no-progress", "--set", "model=mlp"]
-    code, err = run_cli(args + ["--set", "deterministic.optimizer=sgd", "--set", "deterministic.lr=1e30"], capsys)
+    # Epoch 1 trains; the learning rate then grows 1e30-fold and epoch 2 diverges.
+    diverging = [
+        "deterministic.epochs=2", "deterministic.optimizer=sgd", "deterministic.lr=0.1", "deterministic.schedule=multistep",
+        "deterministic.milestones=[1]", "deterministic.gamma=1e30", "data.batch_size=16",
+    ]
+    code, err = run_cli(args + [x for item in diverging for x in ("--set", item)], capsys)
     assert code == 1 and len(err) == 1 and "diverged" in err[0]
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert (state["stage"], state["epoch"]) == ("deterministic", 1), "the last finished epoch's checkpoint is kept"
+    weights = [v for v in state["states"]["net"].values() if v.is_floating_point()]
+    assert weights and all(bool(torch.isfinite(v).all()) for v in weights)
 
 
 def test_module_entry_point_runs(fake_mnist, tmp_path):

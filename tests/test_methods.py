@@ -25,9 +25,12 @@ def test_spike_slab_reports_sparsity_before_and_after_pruning(fake_mnist, tmp_pa
     unpruned, pruned = stages["spike_slab"], stages["prune"]
     for result in (unpruned, pruned):
         assert {"accuracy", "nll", "ece", "sparsity", "n_params_trainable", "size_bytes"} <= set(result)
-        assert 0.0 <= result["sparsity"] <= 1.0
-    assert pruned["sparsity"] == unpruned["sparsity"]
     n_weights = stages["deterministic"]["n_params_trainable"]  # the MLP has no normalisation layers
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["outputs"]["spike_slab"]["elbo"]
+    logits = [value for key, value in saved.items() if ".inclusion_logit." in key]
+    kept = sum(int((torch.sigmoid(logit) > 0.5).sum()) for logit in logits)  # prune_threshold 0.5
+    assert sum(logit.numel() for logit in logits) == n_weights and 0 < kept < n_weights
+    assert unpruned["sparsity"] == pruned["sparsity"] == pytest.approx(1 - kept / n_weights), "the pruned mask's sparsity"
     assert pruned["n_kept"] == round((1 - pruned["sparsity"]) * n_weights)
     assert pruned["n_params_trainable"] == 2 * pruned["n_kept"]
     assert pruned["size_bytes"] < unpruned["size_bytes"] or pruned["sparsity"] == 0

@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,6 @@ def test_every_table_of_the_reproduction_runs_on_a_tiny_budget(fake_mnist, tmp_p
 
     rows = results["cifar10"]["result"]["rows"]
     assert list(rows) == ["deterministic", "mean-field", "mean-field, local reparam.", "2dgbnn", "int8", "spike-slab", "ssvi"]
-    assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r["nll"]) for r in rows.values())
     assert rows["2dgbnn"]["n_params_trainable"] < rows["mean-field"]["n_params_trainable"]
     assert rows["ssvi"]["kl_scale"] == 0.01 and rows["mean-field"]["kl_scale"] == 1.0, "tempering is stated per row"
     assert rows["mean-field"]["prior"] == "iid_normal(loc=0.0, scale=0.1)" and "prior" not in rows["deterministic"]
@@ -49,6 +47,8 @@ def test_every_table_of_the_reproduction_runs_on_a_tiny_budget(fake_mnist, tmp_p
     lrt_metrics = json.loads((tmp_path / "runs" / "cifar10" / "mean-field-lrt" / "metrics.json").read_text())
     base_metrics = json.loads((tmp_path / "runs" / "cifar10" / "2dgbnn" / "metrics.json").read_text())
     assert lrt_metrics["stages"]["deterministic"] == base_metrics["stages"]["deterministic"], "one shared stage 0"
+    for row, run in (("2dgbnn", base_metrics), ("mean-field, local reparam.", lrt_metrics)):
+        assert (rows[row]["accuracy"], rows[row]["nll"]) == (run["accuracy"], run["nll"]), f"{row}: the run's own numbers"
 
     ablations = results["ablations"]["result"]
     assert ablations["table5_outliers_ellipses"]["no outliers"]["sharing"]["n_outliers"] == 0
@@ -65,7 +65,6 @@ def test_every_table_of_the_reproduction_runs_on_a_tiny_budget(fake_mnist, tmp_p
     for name, model in shift.items():
         assert set(model["corrupted_mean_by_severity"]) == {"1", "3", "5"}
         for ood in ("ood_mnist", "ood_svhn"):
-            assert 0 <= model[ood]["entropy_auroc"] <= 1
             assert ("mi_auroc" in model[ood]) == (name != "deterministic")
         assert sum(model["clean_calibration_bins"]["count"]) == results["shift"]["result"]["examples"]
 
