@@ -68,3 +68,74 @@ def _seed_and_threads():
     pyro.set_rng_seed(0)
     torch.set_num_threads(2)
     yield
+
+
+# ---------------------------------------------------------------------------------------
+# Run configurations and helpers shared by the test modules (import them from tests.conftest)
+
+TINY = [
+    "model=mlp",
+    "progress=false",
+    "data.batch_size=64",
+    "data.eval_batch_size=128",
+    "deterministic.epochs=2",
+    "deterministic.optimizer=adam",
+    "deterministic.lr=0.003",
+    "deterministic.weight_decay=0",
+    "mean_field.epochs=2",
+    "mean_field.eval_samples=2",
+    "predict.num_samples=4",
+]
+"""A run that trains in seconds on the fake MNIST: an MLP, two short epochs per stage."""
+
+GBNN = [
+    "fine_tune.epochs=1",
+    "fine_tune.lr=0.001",
+    "sharing.num_components=16",
+    "sharing.min_cluster_size=5",
+    "sharing.gmm_max_epochs=10",
+    "sharing.grad_batches=2",
+]
+
+SPIKE_SLAB = ["spike_slab.epochs=2", "spike_slab.eval_samples=2", "spike_slab.prior_inclusion=0.1"]
+SSVI = ["ssvi.epochs=2", "ssvi.eval_samples=2", "ssvi.density=0.2", "ssvi.update_every=2", "ssvi.kl_warmup_epochs=1"]
+INT8 = ["int8.scale_bits=[8, 4, 2, 1]"]
+
+
+def tiny_config(data_dir, method="mean-field", extra=()):
+    """The defaults with :data:`TINY`, the data folder, the method and ``extra`` overrides."""
+    from pyro_gbnn.config import DEFAULTS, apply_overrides
+
+    return apply_overrides(DEFAULTS, [*TINY, f"data.dir={data_dir}", f"method={method}", *extra])
+
+
+class Killed(BaseException):
+    pass
+
+
+def kill_then_resume(config, out, monkeypatch, kill_after_saves):
+    """Run until the k-th checkpoint is written, die there, then resume in the same folder."""
+    from pyro_gbnn import pipeline, stages
+
+    original_save = stages.FitRun.save
+    calls = {"n": 0}
+
+    def save_then_die(self, *args, **kwargs):
+        original_save(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == kill_after_saves:
+            raise Killed()
+
+    monkeypatch.setattr(stages.FitRun, "save", save_then_die)
+    with pytest.raises(Killed):
+        pipeline.run_fit(config, out)
+    monkeypatch.setattr(stages.FitRun, "save", original_save)
+    return pipeline.run_fit(config, out, resume=True)
+
+
+def run_cli(args, capsys):
+    from pyro_gbnn.fit import main
+
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()

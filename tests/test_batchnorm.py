@@ -118,8 +118,7 @@ def resnet_run(tmp_path_factory):
     """A tiny mean-field ResNet-20 run (BatchNorm) at the shipped defaults: per-draw statistics,
     three evaluation seeds."""
     from pyro_gbnn import pipeline
-    from tests.conftest import write_fake_mnist
-    from tests.test_fit import tiny_config
+    from tests.conftest import tiny_config, write_fake_mnist
 
     root = tmp_path_factory.mktemp("resnet")
     extra = ["model=resnet20", "deterministic.epochs=1", "mean_field.epochs=1", "mean_field.eval_samples=1",
@@ -216,7 +215,7 @@ def test_arviz_log_likelihood_uses_each_draws_statistics():
     assert not torch.allclose(torch.from_numpy(running.log_likelihood["y"].values), torch.from_numpy(idata.log_likelihood["y"].values))
 
 
-@pytest.mark.slow  # ResNet diagnostics draw 100 weights for k-hat and PSIS: minutes on 2 cores
+@pytest.mark.integration  # ResNet diagnostics draw 100 weights for k-hat and PSIS: minutes on 2 cores
 def test_diagnose_predicts_with_each_draws_statistics(resnet_run):
     from pyro_gbnn.diagnose import diagnose_run
 

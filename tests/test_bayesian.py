@@ -2,7 +2,6 @@
 
 import math
 
-import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -10,11 +9,11 @@ from pyro import poutine
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
+from pyro_gbnn.errors import UsageError
 from pyro_gbnn.guides import MeanFieldGuide
 from pyro_gbnn.likelihoods import Categorical
 from pyro_gbnn.priors import IIDNormalPrior, LayerwiseNormalPrior, Prior, ScaleMixturePrior
 from pyro_gbnn.registry import build_prior
-from pyro_gbnn.errors import UsageError
 
 
 def small_net():

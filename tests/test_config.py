@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from pyro_gbnn.config import DEFAULTS, apply_overrides, load_config
+from pyro_gbnn.data import DATASETS
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.models import MODELS
-from pyro_gbnn.data import DATASETS
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

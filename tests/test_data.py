@@ -491,7 +491,7 @@ def test_loader_argument_checks(tmp_path: Path, fake_cifar_checksums: None) -> N
 # --------------------------------------------------------------------------- the real data (slow)
 
 
-@pytest.mark.slow
+@pytest.mark.real_data
 def test_real_data(tmp_path: Path) -> None:
     if not (REAL_DATA / "MNIST").is_dir() or not (REAL_DATA / "cifar10-jpeg").is_dir():
         pytest.skip(f"no shared data at {REAL_DATA}")

@@ -21,10 +21,7 @@ from pyro_gbnn.diagnose import main as diagnose_main
 from pyro_gbnn.export import main as export_main
 from pyro_gbnn.model_file import load_model
 from pyro_gbnn.predict.cli import main as predict_main
-
-from tests.conftest import write_fake_mnist
-from tests.test_fit import GBNN, tiny_config
-from tests.test_methods import SPIKE_SLAB, SSVI
+from tests.conftest import GBNN, SPIKE_SLAB, SSVI, tiny_config, write_fake_mnist
 
 RUNS = {"2dgbnn": GBNN, "int8": ["int8.scale_bits=[4]"], "spike-slab": SPIKE_SLAB + ["prune.epochs=1"], "ssvi": SSVI}
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")

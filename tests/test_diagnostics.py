@@ -96,9 +96,8 @@ def test_inference_data_has_the_predictive_groups_with_named_dims_and_loo_reads_
 
 
 def test_inference_data_of_a_2dgbnn_guide_has_component_draws():
-    from tests.test_shared_mixture import make_plan, small_bnn
-
     from pyro_gbnn.guides.shared_mixture import SharedMixtureGuide
+    from tests.test_shared_mixture import make_plan, small_bnn
 
     bnn = small_bnn()
     guide = SharedMixtureGuide(bnn, make_plan(bnn))
@@ -112,7 +111,7 @@ def test_inference_data_of_a_2dgbnn_guide_has_component_draws():
 
 def test_inference_data_of_a_run_folder_holds_its_final_model_and_a_test_subset(fake_mnist, tmp_path):
     from pyro_gbnn import pipeline
-    from tests.test_fit import tiny_config
+    from tests.conftest import tiny_config
 
     pipeline.run_fit(tiny_config(fake_mnist, "mean-field"), tmp_path / "run")
     idata = to_inference_data(tmp_path / "run", num_samples=30)

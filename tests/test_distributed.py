@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 from pyro_gbnn import distributed
 from pyro_gbnn.sharing.gmm import fit_gmm_2d
 
+pytestmark = pytest.mark.integration  # several processes or a whole install: seconds each
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "cifar10-resnet20-stage1.pt"
 

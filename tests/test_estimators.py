@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from torch import nn
-import torch.nn.functional as F
 
 from pyro_gbnn.bayesian import BayesianNetwork
 from pyro_gbnn.guides import MeanFieldGuide

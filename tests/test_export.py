@@ -11,17 +11,14 @@ from PIL import Image
 
 from pyro_gbnn import pipeline
 from pyro_gbnn.errors import UsageError
-from pyro_gbnn.model_file import _pack_bits, _Reader, _unpack_bits, _Writer, export_model, load_model
 from pyro_gbnn.export import main as export_main
 from pyro_gbnn.guides import SharedMixtureGuide
 from pyro_gbnn.index_coding import INDEX_CODINGS, decode_symbols, encode_symbols
-from pyro_gbnn.predict.cli import main as predict_main
+from pyro_gbnn.model_file import _pack_bits, _Reader, _unpack_bits, _Writer, export_model, load_model
 from pyro_gbnn.predict import predict_batch, predictive_summary
+from pyro_gbnn.predict.cli import main as predict_main
 from pyro_gbnn.quantization import QuantizedMeanFieldGuide, quantize_affine, quantize_symmetric
-
-from tests.conftest import write_fake_mnist
-from tests.test_fit import GBNN, tiny_config
-from tests.test_methods import INT8, SPIKE_SLAB, SSVI
+from tests.conftest import GBNN, INT8, SPIKE_SLAB, SSVI, tiny_config, write_fake_mnist
 
 RUNS = {"2dgbnn": GBNN, "int8": INT8, "spike-slab": SPIKE_SLAB + ["prune.epochs=1"], "ssvi": SSVI}
 

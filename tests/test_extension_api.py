@@ -13,7 +13,7 @@ import pyro_gbnn as pg
 from pyro_gbnn import pipeline
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.registry import GUIDES, PRIORS, build_guide, build_prior
-from tests.test_fit import tiny_config
+from tests.conftest import tiny_config
 
 USER_MODULE = textwrap.dedent(
     '''

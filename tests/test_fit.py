@@ -10,28 +10,10 @@ import pyro
 import pytest
 import torch
 
-from pyro_gbnn import pipeline, stages
+from pyro_gbnn import pipeline
 from pyro_gbnn.checkpoint import load_checkpoint
-from pyro_gbnn.config import DEFAULTS, apply_overrides
 from pyro_gbnn.fit import main
-
-TINY = [
-    "model=mlp",
-    "progress=false",
-    "data.batch_size=64",
-    "data.eval_batch_size=128",
-    "deterministic.epochs=2",
-    "deterministic.optimizer=adam",
-    "deterministic.lr=0.003",
-    "deterministic.weight_decay=0",
-    "mean_field.epochs=2",
-    "mean_field.eval_samples=2",
-    "predict.num_samples=4",
-]
-
-
-def tiny_config(data_dir, method="mean-field", extra=()):
-    return apply_overrides(DEFAULTS, [*TINY, f"data.dir={data_dir}", f"method={method}", *extra])
+from tests.conftest import GBNN, kill_then_resume, run_cli, tiny_config
 
 
 def test_mean_field_run_writes_every_output(fake_mnist, tmp_path):
@@ -51,26 +33,7 @@ def test_mean_field_run_writes_every_output(fake_mnist, tmp_path):
     assert [r["epoch"] for r in records if "epoch" in r] == [1, 2, 1, 2]
 
 
-class Killed(BaseException):
-    pass
 
-
-def kill_then_resume(config, out, monkeypatch, kill_after_saves):
-    """Run until the k-th checkpoint is written, die there, then resume in the same folder."""
-    original_save = stages.FitRun.save
-    calls = {"n": 0}
-
-    def save_then_die(self, *args, **kwargs):
-        original_save(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == kill_after_saves:
-            raise Killed()
-
-    monkeypatch.setattr(stages.FitRun, "save", save_then_die)
-    with pytest.raises(Killed):
-        pipeline.run_fit(config, out)
-    monkeypatch.setattr(stages.FitRun, "save", original_save)
-    return pipeline.run_fit(config, out, resume=True)
 
 
 @pytest.mark.parametrize("kill_after_saves", [1, 3, 4])
@@ -116,12 +79,6 @@ def test_save_load_gives_identical_predictions(fake_mnist, tmp_path):
         pyro.set_rng_seed(7)
         predictions.append(predict(bnn, guide, loader, num_samples=5).probs)
     assert torch.equal(predictions[0], predictions[1])
-
-
-def run_cli(args, capsys):
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.err.strip().splitlines()
 
 
 def test_cli_runs_and_prints_the_summary(fake_mnist, tmp_path, capsys):
@@ -247,16 +204,6 @@ def test_module_entry_point_runs(fake_mnist, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "r" / "metrics.json").exists()
-
-
-GBNN = [
-    "fine_tune.epochs=1",
-    "fine_tune.lr=0.001",
-    "sharing.num_components=16",
-    "sharing.min_cluster_size=5",
-    "sharing.gmm_max_epochs=10",
-    "sharing.grad_batches=2",
-]
 
 
 def test_2dgbnn_run_reports_sharing_counts_and_saves_the_plan(fake_mnist, tmp_path):
@@ -402,6 +349,7 @@ def test_merging_during_fine_tuning_resumes_exactly(fake_mnist, tmp_path, monkey
         assert resumed[key] == reference[key], key
 
 
+@pytest.mark.integration
 def test_semantics_comparison_branches_from_stage_1_and_reproduces_the_base_run(fake_mnist, tmp_path):
     base = tmp_path / "base"
     reference = pipeline.run_fit(tiny_config(fake_mnist, "2dgbnn", GBNN), base)

@@ -39,6 +39,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.integration
 def test_vit_tiny_runs_every_stage_of_the_imagenet_vit_config(tmp_path):
     """ViT-B/16's config with a 1-layer, 32-wide ViT (16x16 patches of the 224x224 crops
     the ImageNet transforms make): stages 0-3 with the shipped stage-2 settings (K = 6000)."""

@@ -11,11 +11,7 @@ from pyro_gbnn.elbo import AnalyticKL_ELBO
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.fit import main
 from pyro_gbnn.train import elbo_step
-from tests.test_fit import kill_then_resume, tiny_config
-
-SPIKE_SLAB = ["spike_slab.epochs=2", "spike_slab.eval_samples=2", "spike_slab.prior_inclusion=0.1"]
-SSVI = ["ssvi.epochs=2", "ssvi.eval_samples=2", "ssvi.density=0.2", "ssvi.update_every=2", "ssvi.kl_warmup_epochs=1"]
-INT8 = ["int8.scale_bits=[8, 4, 2, 1]"]
+from tests.conftest import INT8, SPIKE_SLAB, SSVI, kill_then_resume, tiny_config
 
 
 def test_spike_slab_reports_sparsity_before_and_after_pruning(fake_mnist, tmp_path):

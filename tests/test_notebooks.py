@@ -18,6 +18,8 @@ import pytest
 
 from tests.test_data import write_cifar10_jpeg
 
+pytestmark = pytest.mark.integration  # several processes or a whole install: seconds each
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 import venv
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
+
+pytestmark = pytest.mark.integration  # several processes or a whole install: seconds each
 
 ROOT = Path(__file__).resolve().parents[1]
 

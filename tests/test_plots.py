@@ -16,8 +16,7 @@ from pyro_gbnn.plots import (
     training_curves,
 )
 from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
-
-from tests.test_fit import GBNN, tiny_config
+from tests.conftest import GBNN, tiny_config
 
 
 def cloud(n: int = 3000, seed: int = 0) -> tuple[dict, dict]:

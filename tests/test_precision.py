@@ -11,7 +11,7 @@ import pyro_gbnn as pg
 from pyro_gbnn import pipeline
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.train import _autocast
-from tests.test_fit import tiny_config
+from tests.conftest import tiny_config
 
 
 class _RecordingGuide(pg.MeanFieldGuide):

@@ -20,7 +20,7 @@ TINY_BUDGET = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_every_table_of_the_reproduction_runs_on_a_tiny_budget(fake_mnist, tmp_path):
     write_cifar10_jpeg(fake_mnist, per_class=2)
     write_fake_svhn(fake_mnist, n=12)

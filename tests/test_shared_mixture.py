@@ -2,17 +2,23 @@
 
 import math
 
-import pyro
 import pytest
 import torch
 from torch import nn
 
-from pyro_gbnn import AnalyticKL_ELBO, BayesianNetwork, Categorical, IIDNormalPrior, LayerwiseNormalPrior, MeanFieldGuide
+from pyro_gbnn import (
+    AnalyticKL_ELBO,
+    BayesianNetwork,
+    Categorical,
+    IIDNormalPrior,
+    LayerwiseNormalPrior,
+    MeanFieldGuide,
+)
 from pyro_gbnn.checkpoint import load_checkpoint, save_checkpoint
 from pyro_gbnn.guides.shared_mixture import SharedMixtureGuide
-from pyro_gbnn.stages import count_trainable
 from pyro_gbnn.sharing.build import SharingSettings, build_sharing_plan
 from pyro_gbnn.sharing.plan import SharingPlan, index_dtype
+from pyro_gbnn.stages import count_trainable
 
 
 def small_bnn(prior=None, estimator="weight"):

@@ -20,7 +20,10 @@ from pyro_gbnn.sharing.plan import SharingPlan
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "cifar10-resnet20-stage1.pt"
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_file(), reason=f"needs the fixture {FIXTURE.name} in ../shared/fixtures")
+pytestmark = [
+    pytest.mark.real_data,
+    pytest.mark.skipif(not FIXTURE.is_file(), reason=f"needs the fixture {FIXTURE.name} in ../shared/fixtures"),
+]
 
 
 def shipped_settings(config: str = "cifar10_resnet20.yaml", **changes) -> SharingSettings:
@@ -85,7 +88,6 @@ def test_after_merging_every_component_keeps_members(shipped_plan):
     assert bool((counts > 0).all()), "components left without members are dropped"
 
 
-@pytest.mark.slow
 def test_appendix_h_absolute_threshold_barely_merges_this_posterior(fixture):
     """Why the shipped configs measure the distance against the pair's spread: App. H's
     W2^2 < 1.5e-7 merges ~1% of the components (the median nearest-neighbour W2^2 is ~7e-7)."""
@@ -97,7 +99,6 @@ def test_appendix_h_absolute_threshold_barely_merges_this_posterior(fixture):
     roles_are_consistent(plan, shipped_settings().mahalanobis_threshold)
 
 
-@pytest.mark.slow
 def test_table_14_threshold_collapses_the_mixture(fixture):
     """Table 14's 1e-2 read as a W2 distance (W2^2 < 1e-4), merged by the W2 barycenter
     with only the distance tested, leaves under a tenth of the components (the authors' pooled

@@ -5,7 +5,6 @@ import copy
 import math
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine

@@ -9,8 +9,7 @@ from pyro_gbnn import pipeline
 from pyro_gbnn.diagnose import diagnose_run
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.tracking import scalars
-
-from tests.test_fit import tiny_config
+from tests.conftest import tiny_config
 
 
 def epoch_records(out):
@@ -45,7 +44,7 @@ def test_mlflow_gets_params_metrics_and_artifacts_and_a_resume_continues_its_run
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
     out = tmp_path / "run"
     config = tiny_config(fake_mnist, "mean-field", ["tracker=mlflow", "mean_field.epochs=2"])
-    from tests.test_fit import kill_then_resume
+    from tests.conftest import kill_then_resume
 
     kill_then_resume(config, out, monkeypatch, 2)  # dies after stage 0's checkpoint, resumes
     run_id = (out / "mlflow_run_id").read_text().strip()

@@ -16,7 +16,7 @@ from pyro_gbnn.errors import UsageError
 from pyro_gbnn.fit import main
 from pyro_gbnn.methods import METHODS, Method, method_class
 from pyro_gbnn.validation import validate_config
-from tests.test_fit import TINY, kill_then_resume, tiny_config
+from tests.conftest import TINY, kill_then_resume, tiny_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -54,6 +54,7 @@ def user_method(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.mark.integration
 def test_a_method_defined_outside_the_package_trains_through_the_command_line(fake_mnist, tmp_path, user_method):
     out = tmp_path / "cli"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(user_method), os.environ.get("PYTHONPATH", "")])}

@@ -10,7 +10,7 @@ from pyro_gbnn.config import DEFAULTS, apply_overrides, load_config
 from pyro_gbnn.errors import UsageError
 from pyro_gbnn.fit import main
 from pyro_gbnn.validation import validate_config
-from tests.test_fit import TINY
+from tests.conftest import TINY
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
