@@ -52,11 +52,13 @@ def _shape(x: object) -> object:
     return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
 
 
-def _check_float(x: object, name: str) -> None:
+def _check_float(x: object, name: str) -> Tensor:
+    """``x`` itself, once it is a floating-point tensor (else a one-line error)."""
     if not isinstance(x, Tensor):
         raise UsageError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise UsageError(f"{name} must be a floating-point tensor (float32 or float64), got dtype {x.dtype}")
+    return x
 
 
 def _check_finite(x: Tensor, name: str) -> None:
@@ -64,21 +66,23 @@ def _check_finite(x: Tensor, name: str) -> None:
         raise UsageError(f"{name} contains NaN or infinite values; need finite numbers")
 
 
-def _check_mean(mean: object, name: str) -> None:
-    _check_float(mean, name)
+def _check_mean(value: object, name: str) -> Tensor:
+    mean = _check_float(value, name)
     if mean.dim() < 1 or mean.shape[-1] != 2:
         raise UsageError(f"{name} must have shape [..., 2] (2D means), got {_shape(mean)}")
     _check_finite(mean, name)
+    return mean
 
 
-def _check_cov(cov: object, name: str, definite: bool = False) -> None:
-    """Shape [..., 2, 2], finite, symmetric, and positive (semi-)definite."""
-    _check_float(cov, name)
+def _check_cov(value: object, name: str, definite: bool = False) -> Tensor:
+    """``value`` itself, once it has shape [..., 2, 2] and is finite, symmetric, and positive
+    (semi-)definite."""
+    cov = _check_float(value, name)
     if cov.dim() < 2 or cov.shape[-2:] != (2, 2):
         raise UsageError(f"{name} must have shape [..., 2, 2] (2x2 covariances), got {_shape(cov)}")
     _check_finite(cov, name)
     if cov.numel() == 0:
-        return
+        return cov
     a, b, b2, c = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 0], cov[..., 1, 1]
     scale = a.abs() + c.abs()
     eps = torch.finfo(cov.dtype).eps
@@ -102,14 +106,15 @@ def _check_cov(cov: object, name: str, definite: bool = False) -> None:
             f"{name}{list(at)} is not {what} (diagonal {float(a[at]):.3g}, {float(c[at]):.3g}, "
             f"det {float(det[at]):.3g}); need symmetric {what} 2x2 covariances"
         )
+    return cov
 
 
-def _check_gaussians(means: object, covs: object, definite: bool = True) -> int:
+def _check_gaussians(mean_values: object, cov_values: object, definite: bool = True) -> int:
     """Check a set ``means [K, 2]``, ``covs [K, 2, 2]``; return K."""
-    _check_mean(means, "means")
+    means = _check_mean(mean_values, "means")
     if means.dim() != 2:
         raise UsageError(f"means must have shape [K, 2], got {_shape(means)}")
-    _check_cov(covs, "covs", definite=definite)
+    covs = _check_cov(cov_values, "covs", definite=definite)
     if covs.dim() != 3 or covs.shape[0] != means.shape[0]:
         raise UsageError(f"covs must have shape [K, 2, 2] with K={means.shape[0]} to match means, got {_shape(covs)}")
     if means.dtype != covs.dtype:
@@ -117,8 +122,8 @@ def _check_gaussians(means: object, covs: object, definite: bool = True) -> int:
     return means.shape[0]
 
 
-def _check_points(points: object, dtype: torch.dtype) -> None:
-    _check_float(points, "points")
+def _check_points(value: object, dtype: torch.dtype) -> None:
+    points = _check_float(value, "points")
     if points.dim() != 2 or points.shape[-1] != 2:
         raise UsageError(f"points must have shape [N, 2] ((mu, sigma) pairs), got {_shape(points)}")
     _check_finite(points, "points")
