@@ -3,9 +3,10 @@
 A stage ``s`` is two methods of the class: ``stage_s(run, net, resume)`` trains (or
 transforms) and records its test metrics and outputs through the
 :class:`~pyro_gbnn.stages.FitRun` (``run.finish_stage``), and ``model_s(run, net)``
-rebuilds the stage's (network, guide) from those saved outputs. The pipeline runs the
-stages, checkpoints after each epoch and stage, resumes, and times them; a method never
-writes files. Subclass a method to add stages after its own (2DGBNN is mean-field plus
+rebuilds the stage's (network, guide) from those saved outputs. The run layer
+(:mod:`pyro_gbnn.pipeline`) runs the stages, checkpoints after each epoch and stage,
+resumes, and times them; a stage writes a file of its own only beside them (2DGBNN's
+``sharing_plan.pt``, atomically). Subclass a method to add stages after its own (2DGBNN is mean-field plus
 ``sharing`` and ``fine_tune``); a user's method is named by its dotted path
 (``--method my_research.ColdMeanField``), its ``__init__`` arguments come from
 ``method_args`` in the config.
