@@ -11,7 +11,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -108,7 +108,7 @@ def rng_state() -> dict[str, Any]:
     """Every random-number state a training step reads, in a weights_only-safe form: torch's
     CPU generator, NumPy's, Python's and, when this process has used CUDA, every CUDA
     device's generator (``"cuda"``: a list of uint8 tensors, one per visible device)."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple, np.random.get_state(legacy=True))  # ("MT19937", keys, pos, has_gauss, cached)
     state = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],

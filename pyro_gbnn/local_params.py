@@ -37,7 +37,7 @@ class LocalParams:
                 with local_params():
                     init(self, *args, **kwargs)
 
-            cls.__init__ = built_locally  # type: ignore[misc]
+            setattr(cls, "__init__", built_locally)  # noqa: B010 (mypy refuses assigning to a method)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with local_params():

@@ -253,7 +253,7 @@ def ood_metrics(
     if (sample_probs_in is None) != (sample_probs_out is None):
         raise UsageError("pass both sample_probs_in and sample_probs_out, or neither")
     scores = {"entropy": (predictive_entropy(probs_in), predictive_entropy(probs_out))}
-    if sample_probs_in is not None:
+    if sample_probs_in is not None and sample_probs_out is not None:
         scores["mi"] = (mutual_information(sample_probs_in), mutual_information(sample_probs_out))
     result = {}
     for name, (score_in, score_out) in scores.items():

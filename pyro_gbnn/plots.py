@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ def save_figure(ax: Axes, path: str | Path) -> Path:
     """Write the Axes' figure as a PNG (150 dpi, tight) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ax.figure.savefig(path, dpi=150, bbox_inches="tight")
+    cast(Figure, ax.figure).savefig(path, dpi=150, bbox_inches="tight")
     return path
 
 
@@ -146,8 +147,8 @@ def class_confidence(
     names = class_names or [str(c) for c in range(n_classes)]
     ax = _axes(ax, (max(6.0, 0.6 * n_classes), 4.0))
     confidence = probs.max(-1).values.cpu().numpy()
-    labels = labels.cpu().numpy()
-    groups = [confidence[labels == c] for c in range(n_classes)]
+    classes = labels.cpu().numpy()
+    groups = [confidence[classes == c] for c in range(n_classes)]
     ax.boxplot([g if g.size else [math.nan] for g in groups], showfliers=False)
     ax.set_xticks(range(1, n_classes + 1), names, rotation=45 if n_classes > 10 or max(map(len, names)) > 3 else 0)
     for position, group in enumerate(groups, start=1):
@@ -201,7 +202,7 @@ def entropy_histograms(
 
     ax = _axes(ax)
     top = math.log(probs_in.shape[1])
-    bins = np.linspace(0, top, 31)
+    bins = np.linspace(0, top, 31).tolist()
     for probs, name, colour in ((probs_in, names[0], "tab:blue"), (probs_out, names[1], "tab:red")):
         ax.hist(predictive_entropy(probs).cpu().numpy(), bins=bins, alpha=0.6, color=colour, label=name, density=True)
     ax.set_xlabel(f"predictive entropy (nats; log C = {top:.2f})")

@@ -71,5 +71,6 @@ def _patch_embedding(in_channels: int, hidden_dim: int, patch_size: int) -> nn.C
     """torchvision's patch projection and its initialisation, for ``in_channels`` channels."""
     conv = nn.Conv2d(in_channels, hidden_dim, kernel_size=patch_size, stride=patch_size)
     nn.init.trunc_normal_(conv.weight, std=math.sqrt(1 / (in_channels * patch_size * patch_size)))
-    nn.init.zeros_(conv.bias)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
     return conv

@@ -238,7 +238,7 @@ def merge_components(
             allowed &= w2sq < tau_overlap * 0.5 * (spread[:, None] + spread[None, :])
         if neighbours is not None:
             allowed &= _nearest_centres(means, neighbours)
-        if tau_grad is not None:
+        if tau_grad is not None and grads is not None:  # grads: checked above when tau_grad is set
             small = grads < tau_grad
             allowed &= small[:, None] & small[None, :]
         if tau_var is not None:
