@@ -4,6 +4,7 @@ pre-trained network (SGD with the paper's schedules, appendix I.3), or ``init_fr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ def load_pretrained(net: nn.Module, path: str | Path) -> None:
 class Deterministic(Method):
     """Point-estimate training of the network (config section ``deterministic``)."""
 
-    stages = ("deterministic",)
+    stages: ClassVar[tuple[str, ...]] = ("deterministic",)
     training_stage = "deterministic"
 
     def stage_deterministic(self, run: FitRun, net: nn.Module, resume: dict | None) -> None:

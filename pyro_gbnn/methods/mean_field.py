@@ -3,6 +3,8 @@ SVI from the stage-0 network's weights with the guide of ``bnn.guide`` (any guid
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
@@ -32,7 +34,7 @@ def restore_mean_field(run: FitRun, net: nn.Module) -> tuple[BayesianNetwork, nn
 class MeanField(Deterministic):
     """Stage 0 deterministic, stage 1 SVI (config section ``mean_field``)."""
 
-    stages = ("deterministic", "mean_field")
+    stages: ClassVar[tuple[str, ...]] = ("deterministic", "mean_field")
     training_stage = "mean_field"
     guide_use = "any"
 

@@ -4,6 +4,8 @@ of each active weight plus a one-bit mask per weight."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
 from pyro_gbnn.bayesian import BayesianNetwork
@@ -18,7 +20,7 @@ __all__ = ["SSVI"]
 class SSVI(Method):
     """One stage, ``ssvi``: only the active subspace is ever trained."""
 
-    stages = ("ssvi",)
+    stages: ClassVar[tuple[str, ...]] = ("ssvi",)
     training_stage = "ssvi"
     own_guide = "its own sparse-subspace guide"
 

@@ -270,15 +270,15 @@ def build_sharing_plan(
         n_gaussians_initial=k,
     )
     del fitted
-    plan = None
+    plan: SharingPlan | None = None
     if not distributed or _dist.is_main():
         # Rebinding here lets the pre-dissolving positions go (hundreds of MB at ImageNet size).
         inlier_pos, assign, means, covs = _dissolve(flat, outliers, inlier_pos, gmm, settings, report)
         plan = _plan_from_mixture(flat, outliers, inlier_pos, assign, means, covs, settings, report, started)
-    if not distributed:
-        return plan
-    plan = _dist.broadcast_object(plan.to("cpu") if plan is not None else None)  # rank 0's GPU is not every rank's
-    return plan.to(loc.device)
+        if not distributed:
+            return plan
+    shared = _dist.broadcast_object(plan.to("cpu") if plan is not None else None)  # rank 0's GPU is not every rank's
+    return shared.to(loc.device)
 
 
 def _dissolve(
