@@ -25,8 +25,7 @@ from torch.utils.data import Subset
 
 from pyro_gbnn import distributed
 from pyro_gbnn.allocator import keep_freed_memory
-from pyro_gbnn.checkpoint import atomic_write_bytes, save_checkpoint
-from pyro_gbnn.checkpoint import load_checkpoint as _load_state
+from pyro_gbnn.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from pyro_gbnn.config import dump_config
 from pyro_gbnn.data import DataSplits, load_dataset
 from pyro_gbnn.devices import resolve_device
@@ -39,13 +38,7 @@ from pyro_gbnn.stages import FitRun
 from pyro_gbnn.tracking import open_tracker
 from pyro_gbnn.validation import validate_config
 
-__all__ = ["run_fit", "open_run", "model_after_stage", "load_run_model", "branch_run", "load_run_checkpoint"]
-
-
-def load_run_checkpoint(path: Path) -> dict:
-    """A run folder's checkpoint (:func:`~pyro_gbnn.checkpoint.load_checkpoint`: this
-    version's format, else a one-line error naming the version that wrote it)."""
-    return _load_state(path)
+__all__ = ["run_fit", "open_run", "model_after_stage", "load_run_model", "branch_run"]
 
 
 def _method(config: dict):
@@ -64,7 +57,7 @@ def open_run(
     """
     run_device = resolve_device(device)  # a missing GPU is a one-line error before any data is read
     out = Path(out_dir)
-    state = load_run_checkpoint(out / "checkpoint.pt")
+    state = load_checkpoint(out / "checkpoint.pt")
     config = state["config"]
     if data_dir is not None:
         config["data"]["dir"] = str(data_dir)
@@ -122,10 +115,10 @@ def branch_run(
     existing branch is left as it is (resume it). Returns the branch's config."""
     out = Path(out_dir)
     if (out / "checkpoint.pt").exists():
-        return load_run_checkpoint(out / "checkpoint.pt")["config"]
+        return load_checkpoint(out / "checkpoint.pt")["config"]
     from pyro_gbnn.config import apply_overrides
 
-    state = load_run_checkpoint(Path(base_dir) / "checkpoint.pt")
+    state = load_checkpoint(Path(base_dir) / "checkpoint.pt")
     base_stages = _method(state["config"]).stages
     if after_stage not in state["results"] or after_stage not in base_stages:
         raise UsageError(
@@ -218,7 +211,7 @@ def _run_fit(config, out_dir, resume, progress, data_dir, device) -> dict[str, A
     checkpoint = out / "checkpoint.pt"
     state = None
     if resume:
-        state = load_run_checkpoint(checkpoint)
+        state = load_checkpoint(checkpoint)
         config = state["config"]
         if data_dir is not None:
             config["data"]["dir"] = str(data_dir)

@@ -64,7 +64,7 @@ def one_image(folder):
 @no_gpu
 @pytest.mark.parametrize("method", list(RUNS))
 def test_a_gpu_run_folder_rebuilds_its_model_on_the_cpu(gpu_runs, method):
-    saved = pipeline.load_run_checkpoint(gpu_runs / method / "checkpoint.pt")["config"]
+    saved = checkpoint.load_checkpoint(gpu_runs / method / "checkpoint.pt")["config"]
     assert saved["device"] == "cuda"
     run, network, guide = pipeline.load_run_model(gpu_runs / method)
     assert run.device == torch.device("cpu") and run.config["device"] == "cuda"

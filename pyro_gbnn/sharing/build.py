@@ -74,9 +74,8 @@ class SharingSettings:
         if self.gmm_max_points is not None and self.gmm_max_points < self.num_components:
             raise UsageError(
                 f"sharing.gmm_max_points ({self.gmm_max_points}) is below sharing.num_components "
-                f"({self.num_components}): "
-                "the mixture needs more fitted points than components; raise gmm_max_points or set it to null (all "
-                "inliers)"
+                f"({self.num_components}): the mixture needs more fitted points than components; "
+                "raise gmm_max_points or set it to null (all inliers)"
             )
 
     @classmethod
